@@ -1,0 +1,41 @@
+"""Turning user data into batches of ``(x, y)`` tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def iterate_batches(data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[tuple]:
+    """Yield ``(x, y)`` batches of tensors from ``data``.
+
+    ``data`` is a ``tf.data.Dataset`` (or any iterable) of ``(x, y)`` batches, or a
+    tuple ``(x, y)`` of arrays that is batched here; ``x`` may be a dict or list of
+    arrays for multi-input models. Raises ``ValueError`` when no batch is produced.
+    """
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data, tf.data.Dataset):
+        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        data = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+    elif not isinstance(data, tf.data.Dataset) and not hasattr(data, "__iter__"):
+        raise TypeError(
+            f"data must be a tf.data.Dataset, an iterable of (x, y) batches or an (x, y) tuple "
+            f"of arrays; got {type(data).__name__}."
+        )
+    count = 0
+    for batch in data:
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise ValueError(
+                f"each batch must be an (x, y) pair; batch {count} is a {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
+                + "."
+            )
+        count += 1
+        yield tf.nest.map_structure(tf.convert_to_tensor, tuple(batch))
+    if count == 0:
+        raise ValueError("data is empty: it yielded no batches.")

@@ -1,0 +1,456 @@
+"""Per-layer rules: where to cut a layer's forward, and its per-sample Jacobian.
+
+A rule splits a parameterised layer ``y = act(z(x; theta))`` at ``z``, the tensor whose
+cotangents ``delta[n, k] = J_z(x_n)^T s_{nk}`` the engine back-propagates for every
+column ``k`` of the output-Hessian factor. The per-sample gradient of column ``k`` is then
+a cheap function of the layer input and ``delta``: for a Dense kernel the outer product
+``x_n (x) delta_{nk}`` (BackPACK's trick). Rules return *factors* of those gradients and
+never materialise them for the large parameters; two consumers read every factor:
+
+- :func:`sum_squares`: ``sum_n sum_k g_{nk}^2`` (the curvature diagonal), and
+- :func:`weighted_gram`: ``sum_p w_p g_{nkp} g_{nlp}`` per example (the GLM predictive
+  covariance ``J diag(w) J^T``),
+
+so fitting and prediction come from one place. Adding a layer type means adding one
+:class:`Rule` to :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+#: Upper bound on entries of per-example gradients materialised at once by the fallback.
+FALLBACK_CHUNK_ENTRIES = 2**24
+
+
+@dataclass(frozen=True)
+class Outer:
+    """``g[n, k] = reshape(a[n] (x) d[n, k], shape)`` with ``a: [N, I]``, ``d: [N, K, J]``."""
+
+    variable: Any
+    inputs: tf.Tensor
+    cotangents: tf.Tensor
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        squares = tf.reduce_sum(tf.square(self.cotangents), axis=1)
+        diagonal = tf.matmul(tf.square(self.inputs), squares, transpose_a=True)
+        return [tf.reshape(diagonal, self.variable.shape)]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        (weight,) = weights
+        weight = tf.reshape(weight, [tf.shape(self.inputs)[-1], -1])
+        scaled = tf.matmul(tf.square(self.inputs), weight)
+        return tf.einsum("nkj,nlj,nj->nkl", self.cotangents, self.cotangents, scaled)
+
+
+@dataclass(frozen=True)
+class Explicit:
+    """Per-sample gradients given as a tensor ``[N, K, *shape]`` (small parameters)."""
+
+    variable: Any
+    grads: tf.Tensor
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        return [tf.reduce_sum(tf.square(self.grads), axis=[0, 1])]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        (weight,) = weights
+        shape = tf.shape(self.grads)
+        flat = tf.reshape(self.grads, [shape[0], shape[1], -1])
+        return tf.einsum("nkp,nlp,p->nkl", flat, flat, tf.reshape(weight, [-1]))
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Embedding table gradients: ``g[n, k] = sum_t onehot(ids[n, t]) (x) d[n, k, t]``.
+
+    Rows hit several times by one example are summed before squaring.
+    """
+
+    variable: Any
+    ids: tf.Tensor  # [N, T]
+    cotangents: tf.Tensor  # [N, K, T, D]
+
+    def _unique_rows(self):
+        vocabulary = tf.cast(self.variable.shape[0], tf.int64)
+        n = tf.shape(self.ids, out_type=tf.int64)[0]
+        keys = tf.range(n)[:, None] * vocabulary + tf.cast(self.ids, tf.int64)
+        unique, position = tf.unique(tf.reshape(keys, [-1]))
+        deltas = tf.transpose(self.cotangents, [0, 2, 1, 3])  # [N, T, K, D]
+        width = tf.shape(deltas)
+        deltas = tf.reshape(deltas, [-1, width[2], width[3]])
+        summed = tf.math.unsorted_segment_sum(deltas, position, tf.size(unique))  # [U, K, D]
+        return unique // vocabulary, unique % vocabulary, summed
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        _, rows, summed = self._unique_rows()
+        squares = tf.reduce_sum(tf.square(summed), axis=1)
+        return [tf.math.unsorted_segment_sum(squares, rows, self.variable.shape[0])]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        (weight,) = weights
+        examples, rows, summed = self._unique_rows()
+        per_row = tf.einsum("ukd,uld,ud->ukl", summed, summed, tf.gather(weight, rows))
+        return tf.math.unsorted_segment_sum(per_row, examples, tf.shape(self.ids)[0])
+
+
+@dataclass(frozen=True)
+class PerExample:
+    """Generic fallback: per-example vector-Jacobian products of ``fn``, vectorised.
+
+    ``fn(inputs)`` maps a batch of inputs (any structure, leading batch axis) to one
+    tensor whose cotangents are ``cotangents[:, k]``. Gradients are formed for chunks of
+    examples (bounded by :data:`FALLBACK_CHUNK_ENTRIES`) and reduced at once.
+    """
+
+    variables: list
+    fn: Callable[[Any], tf.Tensor]
+    inputs: Any
+    cotangents: tf.Tensor  # [N, K, *output_shape]
+
+    def _chunk(self) -> int:
+        columns = self.cotangents.shape[1] or 1
+        size = sum(v.shape.num_elements() for v in self.variables)
+        return max(1, FALLBACK_CHUNK_ENTRIES // max(1, columns * size))
+
+    def _grads(self, examples: tf.Tensor) -> list[tf.Tensor]:
+        columns = tf.shape(self.cotangents)[1]
+
+        def one_pair(pair):
+            example = tf.gather(examples, pair // columns)
+            inputs = tf.nest.map_structure(
+                lambda t: tf.gather(t, example[None]) if _is_batched(t) else t, self.inputs
+            )
+            cotangent = tf.gather(tf.gather(self.cotangents, example), pair % columns)[None]
+            sources = [_as_tf_variable(v) for v in self.variables]
+            with tf.GradientTape() as tape:
+                tape.watch(sources)
+                output = self.fn(inputs)
+            return tape.gradient(
+                output,
+                sources,
+                output_gradients=tf.cast(cotangent, output.dtype),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+
+        grads = tf.vectorized_map(one_pair, tf.range(tf.size(examples) * columns))
+        return [
+            tf.reshape(g, tf.concat([[tf.size(examples), columns], v.shape], 0))
+            for g, v in zip(grads, self.variables, strict=True)
+        ]
+
+    def _reduce(self, per_chunk, initial, invariant=None):
+        """Fold ``per_chunk(examples, total)`` over chunks of examples in a while loop."""
+        count = tf.shape(self.cotangents)[0]
+        chunk = self._chunk()
+
+        def body(start, total):
+            examples = tf.range(start, tf.minimum(start + chunk, count))
+            return start + chunk, per_chunk(examples, total)
+
+        options = {} if invariant is None else {"shape_invariants": (tf.TensorShape([]), invariant)}
+        _, total = tf.while_loop(lambda start, _: start < count, body, (0, initial), **options)
+        return total
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        def accumulate(examples, total):
+            grads = self._grads(examples)
+            return [t + tf.reduce_sum(tf.square(g), axis=[0, 1]) for t, g in zip(total, grads)]
+
+        return self._reduce(accumulate, [tf.zeros(v.shape, v.dtype) for v in self.variables])
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        columns = tf.shape(self.cotangents)[1]
+
+        def append(examples, total):
+            gram = 0
+            for g, w in zip(self._grads(examples), weights, strict=True):
+                flat = tf.reshape(g, [tf.shape(g)[0], columns, -1])
+                gram += tf.einsum("nkp,nlp,p->nkl", flat, flat, tf.reshape(w, [-1]))
+            return tf.concat([total, gram], axis=0)
+
+        initial = tf.zeros([0, columns, columns], self.variables[0].dtype)
+        return self._reduce(append, initial, tf.TensorShape([None, None, None]))
+
+
+def _as_tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _is_batched(value: Any) -> bool:
+    return isinstance(value, tf.Tensor) and value.shape.rank is not None and value.shape.rank > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one layer type is cut and differentiated.
+
+    ``forward(layer, inputs) -> (cut, outputs)``; ``factors(layer, inputs, cut_cotangents)``
+    returns factors for the layer's trainable weights, given ``[N, K, *cut.shape[1:]]``.
+    """
+
+    applies: Callable[[keras.layers.Layer], bool]
+    forward: Callable[[keras.layers.Layer, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+    factors: Callable[[keras.layers.Layer, tf.Tensor, tf.Tensor], list]
+
+
+def _plain(layer: keras.layers.Layer) -> bool:
+    return not getattr(layer, "lora_enabled", False) and not getattr(
+        layer, "quantization_mode", None
+    )
+
+
+def _activate(layer, z):
+    return layer.activation(z) if layer.activation is not None else z
+
+
+def _bias_grads(delta: tf.Tensor, broadcast_shape: list[int], shape) -> tf.Tensor:
+    """Per-sample gradient of a parameter added with broadcasting to ``delta[:, :, ...]``."""
+    rest = delta.shape[2:]
+    padded = [1] * (len(rest) - len(broadcast_shape)) + list(broadcast_shape)
+    axes = [2 + i for i, size in enumerate(padded) if size == 1 and rest[i] != 1]
+    summed = tf.reduce_sum(delta, axis=axes, keepdims=True) if axes else delta
+    return tf.reshape(summed, tf.concat([tf.shape(delta)[:2], shape], 0))
+
+
+def _flatten_middle(inputs: tf.Tensor, delta: tf.Tensor):
+    """``[N, ..., I]`` and ``[N, K, ..., J]`` -> ``[N, T, I]`` and ``[N, K, T, J]``."""
+    n = tf.shape(inputs)[0]
+    columns = tf.shape(delta)[1]
+    inputs = tf.reshape(inputs, [n, -1, inputs.shape[-1]])
+    delta = tf.reshape(delta, [n, columns, -1, delta.shape[-1]])
+    return inputs, delta
+
+
+# Dense -----------------------------------------------------------------------------------
+
+
+def _dense_forward(layer, inputs):
+    inputs = tf.cast(inputs, layer.compute_dtype)
+    z = ops.matmul(inputs, layer.kernel)
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, _activate(layer, z)
+
+
+def _dense_factors(layer, inputs, delta):
+    inputs = tf.cast(inputs, delta.dtype)
+    factors = []
+    if inputs.shape.rank == 2:
+        factors.append(Outer(layer.kernel, inputs, delta))
+    else:
+        flat_inputs, flat_delta = _flatten_middle(inputs, delta)
+        grads = tf.einsum("nti,nktj->nkij", flat_inputs, flat_delta)
+        factors.append(Explicit(layer.kernel, grads))
+    if layer.bias is not None:
+        factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
+    return factors
+
+
+# EinsumDense -------------------------------------------------------------------------------
+
+
+def _einsum_specs(layer, rank: int):
+    """Input, kernel and output subscripts with any ellipsis spelled out, or None."""
+    inputs, rest = layer.equation.split(",")
+    kernel, output = rest.split("->")
+    if "..." in kernel:
+        return None
+    if "..." in inputs:
+        spare = [c for c in string.ascii_letters if c not in layer.equation]
+        explicit = "".join(spare[: rank - (len(inputs) - 3)])
+        inputs, output = inputs.replace("...", explicit), output.replace("...", explicit)
+    if len(inputs) != rank or not output or output[0] != inputs[0] or inputs[0] in kernel:
+        return None
+    return inputs, kernel, output
+
+
+def _einsum_applies(layer) -> bool:
+    if not (type(layer) is keras.layers.EinsumDense and _plain(layer)):
+        return False
+    shape = layer.input.shape if layer._inbound_nodes else None
+    return shape is not None and _einsum_specs(layer, len(shape)) is not None
+
+
+def _einsum_forward(layer, inputs):
+    inputs = tf.cast(inputs, layer.compute_dtype)
+    z = ops.einsum(layer.equation, inputs, layer.kernel)
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, _activate(layer, z)
+
+
+def _einsum_factors(layer, inputs, delta):
+    in_spec, kernel_spec, out_spec = _einsum_specs(layer, inputs.shape.rank)
+    column = next(c for c in string.ascii_letters if c not in in_spec + kernel_spec + out_spec)
+    batch = in_spec[0]
+    equation = f"{in_spec},{batch}{column}{out_spec[1:]}->{batch}{column}{kernel_spec}"
+    grads = tf.einsum(equation, tf.cast(inputs, delta.dtype), delta)
+    factors = [Explicit(layer.kernel, grads)]
+    if layer.bias is not None:
+        factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
+    return factors
+
+
+# Convolutions ------------------------------------------------------------------------------
+
+_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D)
+
+
+def _conv_applies(layer) -> bool:
+    return (
+        type(layer) in _CONV_TYPES
+        and _plain(layer)
+        and layer.data_format == "channels_last"
+        and layer.groups == 1
+    )
+
+
+def _conv_padded(layer, inputs):
+    if layer.padding == "causal":
+        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+        return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]]), "valid"
+    return inputs, layer.padding
+
+
+def _conv_forward(layer, inputs):
+    inputs = tf.cast(inputs, layer.compute_dtype)
+    padded, padding = _conv_padded(layer, inputs)
+    z = ops.conv(
+        padded,
+        layer.kernel,
+        strides=list(layer.strides),
+        padding=padding,
+        dilation_rate=layer.dilation_rate,
+        data_format="channels_last",
+    )
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, _activate(layer, z)
+
+
+def _patches(layer, inputs):
+    """Unfold the (padded) input into ``[N, L, prod(kernel_size) * C_in]`` patches."""
+    padded, padding = _conv_padded(layer, inputs)
+    if len(layer.kernel_size) == 1:
+        padded = padded[:, None]
+        sizes, strides, rates = [1, *layer.kernel_size], [1, *layer.strides], [1, *layer.dilation_rate]
+    else:
+        sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
+    patches = tf.image.extract_patches(
+        padded,
+        sizes=[1, *sizes, 1],
+        strides=[1, *strides, 1],
+        rates=[1, *rates, 1],
+        padding=padding.upper(),
+    )
+    return tf.reshape(patches, [tf.shape(inputs)[0], -1, patches.shape[-1]])
+
+
+def _conv_factors(layer, inputs, delta):
+    patches = _patches(layer, tf.cast(inputs, delta.dtype))
+    flat_delta = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], -1, layer.filters])
+    grads = tf.einsum("nlp,nklo->nkpo", patches, flat_delta)
+    grads = tf.reshape(grads, tf.concat([tf.shape(grads)[:2], layer.kernel.shape], 0))
+    factors = [Explicit(layer.kernel, grads)]
+    if layer.bias is not None:
+        factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
+    return factors
+
+
+# Embedding ---------------------------------------------------------------------------------
+
+
+def _embedding_forward(layer, inputs):
+    ids = tf.cast(inputs, "int32") if inputs.dtype not in (tf.int32, tf.int64) else inputs
+    z = tf.cast(ops.take(layer.embeddings, ids, axis=0), layer.compute_dtype)
+    return z, z
+
+
+def _embedding_factors(layer, inputs, delta):
+    n = tf.shape(inputs)[0]
+    ids = tf.reshape(inputs, [n, -1])
+    cotangents = tf.reshape(delta, [n, tf.shape(delta)[1], -1, layer.output_dim])
+    return [Rows(layer.embeddings, ids, cotangents)]
+
+
+# Normalisation -----------------------------------------------------------------------------
+
+
+def _call_layer(layer, inputs):
+    outputs = layer(inputs, training=False) if layer._call_has_training_arg else layer(inputs)
+    return outputs, outputs
+
+
+def _affine_factors(normalised, delta, gamma, beta, broadcast_shape):
+    factors = []
+    if gamma is not None:
+        product = tf.cast(normalised, delta.dtype)[:, None] * delta
+        factors.append(Explicit(gamma, _bias_grads(product, broadcast_shape, gamma.shape)))
+    if beta is not None:
+        factors.append(Explicit(beta, _bias_grads(delta, broadcast_shape, beta.shape)))
+    return factors
+
+
+def _layer_norm_factors(layer, inputs, delta):
+    rank = inputs.shape.rank
+    axes = [a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)]
+    normalised = ops.layer_normalization(
+        inputs, None, None, axes, layer.epsilon, rms_scaling=layer.rms_scaling
+    )
+    broadcast = [inputs.shape[d] if d in axes else 1 for d in range(1, rank)]
+    beta = None if layer.rms_scaling else layer.beta
+    return _affine_factors(normalised, delta, layer.gamma, beta, broadcast)
+
+
+def _batch_norm_factors(layer, inputs, delta):
+    inputs = tf.cast(inputs, delta.dtype)
+    rank = inputs.shape.rank
+    axis = layer.axis % rank
+    normalised = ops.batch_normalization(
+        inputs,
+        tf.cast(layer.moving_mean, inputs.dtype),
+        tf.cast(layer.moving_variance, inputs.dtype),
+        axis=axis,
+        epsilon=layer.epsilon,
+    )
+    broadcast = [inputs.shape[d] if d == axis else 1 for d in range(1, rank)]
+    return _affine_factors(normalised, delta, layer.gamma, layer.beta, broadcast)
+
+
+def _norm_applies(kind):
+    return lambda layer: type(layer) is kind and _plain(layer)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(lambda layer: type(layer) is keras.layers.Dense and _plain(layer),
+         _dense_forward, _dense_factors),
+    Rule(_einsum_applies, _einsum_forward, _einsum_factors),
+    Rule(_conv_applies, _conv_forward, _conv_factors),
+    Rule(lambda layer: type(layer) is keras.layers.Embedding and _plain(layer)
+         and not getattr(layer, "sparse", False),
+         _embedding_forward, _embedding_factors),
+    Rule(_norm_applies(keras.layers.LayerNormalization), _call_layer, _layer_norm_factors),
+    Rule(lambda layer: type(layer) is keras.layers.BatchNormalization and not layer.renorm,
+         _call_layer, _batch_norm_factors),
+)  # fmt: skip
+
+
+def rule_for(layer: keras.layers.Layer) -> Rule | None:
+    """The rule for ``layer``, or ``None`` when it goes through the generic fallback."""
+    for rule in RULES:
+        if rule.applies(layer):
+            return rule
+    return None

@@ -1,0 +1,311 @@
+"""Diagonal GGN / Fisher / Hessian of a Keras model, and the GLM output covariance.
+
+One forward pass records each parameterised layer's cut point (:mod:`tracing`); one
+vectorised backward pass per column of ``S`` (``S_n S_n^T`` = Hessian of the loss in
+the outputs, or sampled / true-label loss gradients) gives the cotangents at every cut;
+the layer rules (:mod:`layers`) turn those into ``sum_n sum_k g_{nk}^2`` without
+materialising per-sample gradients. The same cotangents with ``S = I`` and the
+posterior variances as weights give the GLM predictive covariance ``J diag(w) J^T``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf._data import DEFAULT_BATCH_SIZE, iterate_batches
+from laplace_tf.curvature.hessian import hessian_diagonal
+from laplace_tf.curvature.tracing import trace
+from laplace_tf.likelihoods import Likelihood, get_likelihood
+
+KINDS = ("ggn", "ggn_mc", "ef", "hessian")
+#: Above this many parameters, ``kind="hessian"`` on a non-piecewise-linear model warns.
+HESSIAN_WARN_PARAMS = 20_000
+
+
+def diagonal(
+    model: keras.Model,
+    data: Any,
+    *,
+    likelihood: str | Likelihood,
+    kind: str = "ggn",
+    params: Sequence[Any] | None = None,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    sigma_noise: float = 1.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[tf.Tensor]:
+    """Diagonal of the curvature of the summed negative log-likelihood of ``model``.
+
+    ``G = sum_n J_n^T Lambda_n J_n`` with ``J_n`` the Jacobian of the outputs ``f(x_n)``
+    in the parameters and ``Lambda_n = S_n S_n^T`` the Hessian of the loss in ``f``;
+    ``diag G = sum_n sum_k (J_n^T S_n[:, k])^2``, squared per example and column.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A model with one output of shape ``[N, C]`` (logits for classification, one
+        logit for binary, the mean for regression). It is evaluated in inference mode
+        and never modified.
+    data : tf.data.Dataset or tuple
+        ``(x, y)`` batches, or an ``(x, y)`` tuple of arrays batched by ``batch_size``.
+        ``x`` may be a dict or list for multi-input models.
+    likelihood : {"classification", "binary", "regression"} or Likelihood
+    kind : {"ggn", "ggn_mc", "ef", "hessian"}
+        ``"ggn"``: exact GGN, one backward pass per output (``C``). ``"ggn_mc"``: Monte
+        Carlo GGN (Fisher) from ``mc_samples`` pseudo-labels drawn from the model's
+        predictive; unbiased. ``"ef"``: empirical Fisher, squared per-example gradients
+        with the true labels; one backward pass, but biased (it is not a curvature of
+        the loss away from the optimum). ``"hessian"``: the exact Hessian diagonal;
+        equal to the GGN's (and computed as it) when every activation is piecewise
+        linear, otherwise through :func:`hessian_diagonal` at ``P`` Hessian-vector
+        products per batch, which warns for large models.
+    params : list of variables, optional
+        Weights to differentiate (default ``model.trainable_variables``).
+    mc_samples : int
+        Pseudo-label draws per example for ``"ggn_mc"``.
+    seed : int, optional
+        Seed for ``"ggn_mc"``; the same seed gives the same result.
+    sigma_noise : float
+        Observation noise of the ``"regression"`` likelihood.
+    batch_size : int
+        Batch size used when ``data`` is a tuple of arrays.
+
+    Returns
+    -------
+    list of tf.Tensor
+        The diagonal, shaped like ``params``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown curvature kind {kind!r}; valid kinds are {', '.join(KINDS)}.")
+    if not isinstance(mc_samples, int | np.integer) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    likelihood = get_likelihood(likelihood, sigma_noise=sigma_noise)
+    variables = _model_variables(model, params)
+    if kind == "hessian" and not is_piecewise_linear(model):
+        return _black_box_hessian(model, data, likelihood, variables, batch_size)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    step = _diagonal_step(model, likelihood, variables, "ggn" if kind == "hessian" else kind,
+                          mc_samples)  # fmt: skip
+    total = [np.zeros(v.shape, v.dtype) for v in variables]
+    for index, (x, y) in enumerate(iterate_batches(data, batch_size=batch_size)):
+        parts = step(x, y, tf.constant([seed, index], tf.int64))
+        for accumulated, part in zip(total, parts, strict=True):
+            accumulated += part.numpy()
+    return [tf.constant(t) for t in total]
+
+
+def output_covariance(
+    model: keras.Model,
+    x: Any,
+    weights: Sequence[Any],
+    *,
+    params: Sequence[Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tf.Tensor:
+    """Per-example output covariance ``J(x_n) diag(w) J(x_n)^T`` of shape ``[N, C, C]``.
+
+    With ``w`` the posterior variances this is the GLM (linearised) predictive
+    covariance of a diagonal Laplace posterior; its diagonal is
+    ``sum_p J_cp(x_n)^2 w_p``. Computed with the same layer rules as :func:`diagonal`
+    (``S = I``), never forming the ``[N, C, P]`` Jacobian.
+
+    Parameters
+    ----------
+    model : keras.Model
+    x : array, tensor, dict or list
+        Inputs; processed in batches of ``batch_size``.
+    weights : list of tensors
+        Non-negative weights shaped like ``params``.
+    params : list of variables, optional
+        Default ``model.trainable_variables``.
+    batch_size : int
+    """
+    variables = _model_variables(model, params)
+    weights = [tf.convert_to_tensor(w, v.dtype) for w, v in zip(weights, variables, strict=True)]
+    for w, v in zip(weights, variables, strict=True):
+        if w.shape != v.shape:
+            raise ValueError(f"weights for {v.path} have shape {w.shape}, expected {v.shape}.")
+    step = _covariance_step(model, variables)
+    dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    return tf.concat([step(batch, weights) for batch in dataset], axis=0)
+
+
+def is_piecewise_linear(model: keras.Model) -> bool:
+    """Whether every parameter enters the outputs linearly (piecewise) on its own.
+
+    True for Functional / Sequential models built only from layers that are piecewise
+    linear in their inputs (Dense, Conv, Embedding, BatchNorm in inference, pooling,
+    reshaping, ...) with activations among linear / relu / relu6 / leaky_relu and no
+    layer called twice. Then ``diag(Hessian) = diag(GGN)`` exactly (almost everywhere).
+    """
+    from laplace_tf.curvature.tracing import _graph_of
+
+    graph = _graph_of(model)
+    if graph is None:
+        return False
+    for layer in graph.layers:
+        if _graph_of(layer) is not None:
+            if not is_piecewise_linear(layer):
+                return False
+            continue
+        if type(layer) not in _PIECEWISE_LINEAR_LAYERS or len(layer._inbound_nodes) > 1:
+            return False
+        activation = getattr(layer, "activation", None)
+        if activation is not None and activation not in _PIECEWISE_LINEAR_ACTIVATIONS:
+            return False
+    return True
+
+
+_PIECEWISE_LINEAR_ACTIVATIONS = {
+    keras.activations.linear,
+    keras.activations.relu,
+    keras.activations.relu6,
+    keras.activations.leaky_relu,
+}
+_L = keras.layers
+_PIECEWISE_LINEAR_LAYERS = {
+    _L.InputLayer, _L.Dense, _L.EinsumDense, _L.Conv1D, _L.Conv2D, _L.Embedding,
+    _L.BatchNormalization, _L.Flatten, _L.Reshape, _L.Permute, _L.Dropout, _L.Identity,
+    _L.ReLU, _L.LeakyReLU, _L.Activation, _L.MaxPooling1D, _L.MaxPooling2D,
+    _L.AveragePooling1D, _L.AveragePooling2D, _L.GlobalAveragePooling1D,
+    _L.GlobalAveragePooling2D, _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D,
+    _L.Concatenate, _L.Add, _L.Subtract, _L.Average, _L.ZeroPadding1D, _L.ZeroPadding2D,
+    _L.Cropping1D, _L.Cropping2D,
+}  # fmt: skip
+
+
+def _model_variables(model: keras.Model, params: Sequence[Any] | None) -> list:
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError("model is not built: call it on data (or build it) first.")
+    trainable = list(model.trainable_variables)
+    if params is None:
+        if not trainable:
+            raise ValueError("model has no trainable variables.")
+        return trainable
+    by_id = {id(v): v for v in trainable} | {id(v.value): v for v in trainable}
+    selected = []
+    for position, p in enumerate(params):
+        if id(p) not in by_id:
+            raise ValueError(f"params[{position}] is not a trainable variable of the model.")
+        selected.append(by_id[id(p)])
+    if not selected:
+        raise ValueError("params is empty.")
+    return selected
+
+
+def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
+    """Model outputs as used by the likelihood: rank 2 and at least float32."""
+    if outputs.shape.rank != 2:
+        raise ValueError(
+            f"the model output must have shape [N, C]; got rank {outputs.shape.rank} "
+            f"({outputs.shape})."
+        )
+    if outputs.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(outputs, tf.float32)
+    return outputs
+
+
+def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]:
+    """``[N, K, *cut.shape[1:]]`` cotangents of every site's cut for columns ``[N, C, K]``."""
+    cuts = [site.cut for site in sites]
+    columns = tf.cast(tf.transpose(columns, [2, 0, 1]), outputs.dtype)
+
+    def backward(column):
+        grads = tape.gradient(
+            outputs, cuts, output_gradients=column, unconnected_gradients="zero"
+        )
+        return [tf.cast(g, c.dtype) for g, c in zip(grads, cuts, strict=True)]
+
+    if columns.shape[0] == 1:
+        per_column = [g[None] for g in backward(columns[0])]
+    else:
+        per_column = tf.vectorized_map(backward, columns)
+    return [tf.experimental.numpy.swapaxes(g, 0, 1) for g in per_column]
+
+
+def _site_factors(tape, outputs, sites, columns):
+    factors = []
+    for site, cotangent in zip(sites, _cut_cotangents(tape, outputs, sites, columns), strict=True):
+        factors.extend(site.factors(cotangent))
+    return factors
+
+
+def _loss_columns(likelihood, kind, mc_samples, outputs, y, seed):
+    if kind == "ggn":
+        return likelihood.hessian_factor(outputs)
+    if kind == "ef":
+        return likelihood.loss_gradient(outputs, y)[:, :, None]
+    draws = []
+    for draw in range(mc_samples):
+        sample_seed = tf.random.experimental.stateless_fold_in(seed, draw)
+        pseudo = likelihood.sample(outputs, sample_seed)
+        draws.append(likelihood.loss_gradient(outputs, pseudo))
+    return tf.stack(draws, axis=-1) / math.sqrt(mc_samples)
+
+
+def _diagonal_step(model, likelihood, variables, kind, mc_samples):
+    @tf.function(reduce_retracing=True)
+    def step(x, y, seed):
+        with tf.GradientTape(persistent=True) as tape:
+            raw, sites = trace(model, x, variables)
+            outputs = _loss_outputs(raw)
+        columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
+        totals = {id(v): tf.zeros(v.shape, v.dtype) for v in variables}
+        for factor in _site_factors(tape, raw, sites, columns):
+            for v, square in zip(_factor_variables(factor), factor.sum_squares(), strict=True):
+                totals[id(v)] += tf.cast(square, v.dtype)
+        return [totals[id(v)] for v in variables]
+
+    return step
+
+
+def _covariance_step(model, variables):
+    index = {id(v): i for i, v in enumerate(variables)}
+
+    @tf.function(reduce_retracing=True)
+    def step(x, weights):
+        with tf.GradientTape(persistent=True) as tape:
+            raw, sites = trace(model, x, variables)
+            _loss_outputs(raw)
+        eye = tf.eye(tf.shape(raw)[1], dtype=raw.dtype)
+        columns = tf.broadcast_to(eye, [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]])
+        covariance = tf.zeros([tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]], raw.dtype)
+        for factor in _site_factors(tape, raw, sites, columns):
+            factor_weights = [weights[index[id(v)]] for v in _factor_variables(factor)]
+            covariance += tf.cast(factor.weighted_gram(factor_weights), raw.dtype)
+        return covariance
+
+    return step
+
+
+def _factor_variables(factor) -> list:
+    return factor.variables if hasattr(factor, "variables") else [factor.variable]
+
+
+def _black_box_hessian(model, data, likelihood, variables, batch_size):
+    size = sum(v.shape.num_elements() for v in variables)
+    if size > HESSIAN_WARN_PARAMS:
+        warnings.warn(
+            f"kind='hessian' on a model that is not piecewise linear needs one Hessian-vector "
+            f"product per parameter ({size}) and batch; this can be very slow. Consider "
+            f"kind='ggn'.",
+            stacklevel=3,
+        )
+
+    def batch_loss(batch):
+        x, y = batch
+        return likelihood.nll(_loss_outputs(model(x, training=False)), y)
+
+    return hessian_diagonal(
+        batch_loss, variables, data=iterate_batches(data, batch_size=batch_size)
+    )

@@ -1,0 +1,150 @@
+"""A forward pass that records, for every parameterised layer, where its rule cuts it.
+
+Functional and Sequential models are run node by node (Keras' own graph runner), with
+each layer that owns selected weights replaced by its rule's split forward, or called
+as it is and recorded for the generic fallback. A model whose graph cannot be seen
+(subclassed), or one whose structure the per-layer rules cannot express (a layer
+with selected weights called twice, selected weights outside every layer, several
+outputs), is recorded as one fallback site covering the whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.backend import get_keras_mask, set_keras_mask
+from keras.src.models.functional import Functional
+from keras.src.models.sequential import Sequential
+
+from laplace_tf.curvature.layers import PerExample, Rule, rule_for
+
+
+@dataclass
+class Site:
+    """One place in the forward pass whose cotangents the engine needs."""
+
+    layer: Any
+    rule: Rule | None
+    inputs: Any  # the layer input (rule) or ``(args, kwargs)`` (fallback)
+    cut: tf.Tensor
+    variables: list = field(default_factory=list)
+
+    def factors(self, cotangents: tf.Tensor) -> list:
+        if self.rule is None:
+            return [PerExample(self.variables, self._call_on, self.inputs, cotangents)]
+        selected = {id(v) for v in self.variables}
+        return [
+            f
+            for f in self.rule.factors(self.layer, self.inputs, cotangents)
+            if id(f.variable) in selected
+        ]
+
+    def _call_on(self, arguments):
+        args, kwargs = arguments
+        return _call(self.layer, *args, **kwargs)
+
+
+class _Untraceable(Exception):
+    """The per-layer trace cannot express this model; use the whole-model fallback."""
+
+
+def trace(model: keras.Model, x: Any, variables: list) -> tuple[tf.Tensor, list[Site]]:
+    """Run ``model`` on ``x`` in inference mode, recording one site per parameterised layer.
+
+    Must be called inside a recording ``tf.GradientTape``. Returns the output and the
+    sites; ``variables`` are the (keras) variables whose curvature is wanted.
+    """
+    try:
+        sites: list[Site] = []
+        outputs = _run_graph_model(model, (x,), {}, sites, _ids(variables))
+        if not isinstance(outputs, tf.Tensor):
+            raise _Untraceable
+        _check_coverage(sites, variables)
+        return outputs, sites
+    except _Untraceable:
+        outputs = _call(model, x)
+        site = Site(model, None, ((x,), {}), outputs, list(variables))
+        return outputs, [site]
+
+
+def _ids(variables) -> set[int]:
+    return {id(v) for v in variables}
+
+
+def _selected(layer, selected_ids: set[int]) -> list:
+    return [v for v in layer.trainable_variables if id(v) in selected_ids]
+
+
+def _graph_of(model) -> Functional | None:
+    if isinstance(model, Sequential):
+        return model._functional
+    if isinstance(model, Functional):
+        return model
+    return None
+
+
+def _run_graph_model(model, args, kwargs, sites, selected_ids):
+    graph = _graph_of(model)
+    if graph is None or len(args) != 1 or kwargs.get("mask") is not None:
+        raise _Untraceable
+    inputs = graph._standardize_inputs(args[0])
+    outputs = graph._run_through_graph(
+        inputs, operation_fn=lambda layer: _recording(layer, sites, selected_ids)
+    )
+    outputs = tf.nest.flatten(outputs)
+    if len(outputs) != 1:
+        raise _Untraceable
+    return outputs[0]
+
+
+def _recording(layer, sites: list[Site], selected_ids: set[int]):
+    """The callable that replaces ``layer`` in the traced forward pass."""
+    variables = _selected(layer, selected_ids)
+    if not variables:
+        return lambda *args, **kwargs: _call(layer, *args, **kwargs)
+    if _graph_of(layer) is not None:
+        return lambda *args, **kwargs: _run_graph_model(layer, args, kwargs, sites, selected_ids)
+    rule = rule_for(layer)
+
+    def call(*args, **kwargs):
+        tensor_kwargs = [k for k, v in kwargs.items() if v is not None and k != "training"]
+        if rule is not None and len(args) == 1 and not tensor_kwargs:
+            (inputs,) = args
+            cut, outputs = rule.forward(layer, inputs)
+            _propagate_mask(layer, inputs, outputs)
+            sites.append(Site(layer, rule, inputs, cut, variables))
+            return outputs
+        if getattr(layer, "_call_has_mask_arg", False) and kwargs.get("mask") is None and args:
+            kwargs["mask"] = get_keras_mask(args[0])
+        outputs = _call(layer, *args, **kwargs)
+        if not isinstance(outputs, tf.Tensor):
+            raise _Untraceable
+        sites.append(Site(layer, None, (args, kwargs), outputs, variables))
+        return outputs
+
+    return call
+
+
+def _call(layer, *args, **kwargs):
+    if "training" in getattr(layer, "_call_context_args", ()):
+        kwargs["training"] = False
+    return layer(*args, **kwargs)
+
+
+def _propagate_mask(layer, inputs, outputs) -> None:
+    mask = layer.compute_mask(inputs, get_keras_mask(inputs))
+    if mask is not None:
+        set_keras_mask(outputs, mask)
+
+
+def _check_coverage(sites: list[Site], variables: list) -> None:
+    """Every selected variable must be owned by exactly one site."""
+    owners: dict[int, int] = {}
+    for site in sites:
+        for v in site.variables:
+            owners[id(v)] = owners.get(id(v), 0) + 1
+    if any(owners.get(id(v), 0) != 1 for v in variables):
+        raise _Untraceable
