@@ -196,7 +196,7 @@ def _hessian_row_block_fn(loss_fn: LossFn, params: list, index: int):
     entries, vectorised over ``j``; the diagonal entry is picked from each row.
     """
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def row_block(batch, start: tf.Tensor, chunk: int) -> tf.Tensor:
         param = params[index]
         size = param.shape.num_elements()
@@ -221,7 +221,7 @@ def _hessian_row_block_fn(loss_fn: LossFn, params: list, index: int):
 def _probe_product_fn(loss_fn: LossFn, params: list):
     """``(batch, seed, count) -> [sum_s v_s * H v_s]`` for ``count`` Rademacher probes."""
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def probe_products(batch, seed: tf.Tensor, count: int) -> list[tf.Tensor]:
         probes = []
         for index, p in enumerate(params):

@@ -254,7 +254,7 @@ def _loss_columns(likelihood, kind, mc_samples, outputs, y, seed):
 
 
 def _diagonal_step(model, likelihood, variables, kind, mc_samples):
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y, seed):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
@@ -272,7 +272,7 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
 def _covariance_step(model, variables):
     index = {id(v): i for i, v in enumerate(variables)}
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, weights):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)

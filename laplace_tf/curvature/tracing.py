@@ -75,7 +75,7 @@ def _ids(variables) -> set[int]:
 
 
 def _selected(layer, selected_ids: set[int]) -> list:
-    return [v for v in layer.trainable_variables if id(v) in selected_ids]
+    return [v for v in getattr(layer, "trainable_variables", ()) if id(v) in selected_ids]
 
 
 def _graph_of(model) -> Functional | None:
