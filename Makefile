@@ -15,17 +15,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -q tests
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python examples/curvature_summary.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/curvature_summary.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check laplace_tf tests examples benchmarks
 	$(BIN)/ruff format --check laplace_tf tests examples benchmarks
 
 bench: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python benchmarks/hessian_diagonal.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/hessian_diagonal.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/curvature.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from laplace_tf.likelihoods import Likelihood, get_likelihood
 KINDS = ("ggn", "ggn_mc", "ef", "hessian")
 #: Above this many parameters, ``kind="hessian"`` on a non-piecewise-linear model warns.
 HESSIAN_WARN_PARAMS = 20_000
+#: Up to this many columns of S, backward passes are unrolled (faster on CPU than pfor).
+UNROLLED_COLUMNS = 16
 
 
 def diagonal(
@@ -92,14 +95,14 @@ def diagonal(
         return _black_box_hessian(model, data, likelihood, variables, batch_size)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
-    step = _diagonal_step(model, likelihood, variables, "ggn" if kind == "hessian" else kind,
-                          mc_samples)  # fmt: skip
-    total = [np.zeros(v.shape, v.dtype) for v in variables]
+    kind = "ggn" if kind == "hessian" else kind
+    step = _cached(model, ("diagonal", repr(likelihood), kind, mc_samples), variables,
+                   lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples))  # fmt: skip
+    total = None
     for index, (x, y) in enumerate(iterate_batches(data, batch_size=batch_size)):
         parts = step(x, y, tf.constant([seed, index], tf.int64))
-        for accumulated, part in zip(total, parts, strict=True):
-            accumulated += part.numpy()
-    return [tf.constant(t) for t in total]
+        total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
+    return total
 
 
 def output_covariance(
@@ -133,7 +136,7 @@ def output_covariance(
     for w, v in zip(weights, variables, strict=True):
         if w.shape != v.shape:
             raise ValueError(f"weights for {v.path} have shape {w.shape}, expected {v.shape}.")
-    step = _covariance_step(model, variables)
+    step = _cached(model, ("covariance",), variables, lambda: _covariance_step(model, variables))
     dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
     return tf.concat([step(batch, weights) for batch in dataset], axis=0)
 
@@ -182,6 +185,18 @@ _PIECEWISE_LINEAR_LAYERS = {
 }  # fmt: skip
 
 
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached(model, key: tuple, variables: list, build):
+    """Compiled steps are kept per model, so repeated calls do not trace again."""
+    steps = _STEPS.setdefault(model, {})
+    key = (*key, tuple(id(v) for v in variables))
+    if key not in steps:
+        steps[key] = build()
+    return steps[key]
+
+
 def _model_variables(model: keras.Model, params: Sequence[Any] | None) -> list:
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
@@ -226,10 +241,11 @@ def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]
         )
         return [tf.cast(g, c.dtype) for g, c in zip(grads, cuts, strict=True)]
 
-    if columns.shape[0] == 1:
-        per_column = [g[None] for g in backward(columns[0])]
-    else:
-        per_column = tf.vectorized_map(backward, columns)
+    count = columns.shape[0]
+    if count is not None and count <= UNROLLED_COLUMNS:
+        per_column = [backward(columns[k]) for k in range(count)]
+        return [tf.stack(list(grads), axis=1) for grads in zip(*per_column, strict=True)]
+    per_column = tf.vectorized_map(backward, columns)
     return [tf.experimental.numpy.swapaxes(g, 0, 1) for g in per_column]
 
 
