@@ -14,6 +14,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -85,6 +86,34 @@ def diagonal(
     list of tf.Tensor
         The diagonal, shaped like ``params``.
     """
+    return fit_diagonal(
+        model, data, likelihood=likelihood, kind=kind, params=params, mc_samples=mc_samples,
+        seed=seed, sigma_noise=sigma_noise, batch_size=batch_size,
+    ).diagonal  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CurvatureFit:
+    """What one pass over the data yields: the diagonal, the summed NLL and the count."""
+
+    diagonal: list[tf.Tensor]
+    nll: float
+    n_data: int
+
+
+def fit_diagonal(
+    model: keras.Model,
+    data: Any,
+    *,
+    likelihood: str | Likelihood,
+    kind: str = "ggn",
+    params: Sequence[Any] | None = None,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    sigma_noise: float = 1.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> CurvatureFit:
+    """:func:`diagonal`, plus the summed NLL at the current weights and the example count."""
     if kind not in KINDS:
         raise ValueError(f"Unknown curvature kind {kind!r}; valid kinds are {', '.join(KINDS)}.")
     if not isinstance(mc_samples, int | np.integer) or mc_samples < 1:
@@ -98,11 +127,13 @@ def diagonal(
     kind = "ggn" if kind == "hessian" else kind
     step = _cached(model, ("diagonal", repr(likelihood), kind, mc_samples), variables,
                    lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples))  # fmt: skip
-    total = None
+    total, nll, count = None, 0.0, 0
     for index, (x, y) in enumerate(iterate_batches(data, batch_size=batch_size)):
-        parts = step(x, y, tf.constant([seed, index], tf.int64))
+        parts, batch_nll, batch_count = step(x, y, tf.constant([seed, index], tf.int64))
         total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
-    return total
+        nll += float(batch_nll)
+        count += int(batch_count)
+    return CurvatureFit(total, nll, count)
 
 
 def output_covariance(
@@ -280,7 +311,8 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         for factor in _site_factors(tape, raw, sites, columns):
             for v, square in zip(_factor_variables(factor), factor.sum_squares(), strict=True):
                 totals[id(v)] += tf.cast(square, v.dtype)
-        return [totals[id(v)] for v in variables]
+        count = tf.shape(outputs)[0]
+        return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), count
 
     return step
 
@@ -322,6 +354,8 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size):
         x, y = batch
         return likelihood.nll(_loss_outputs(model(x, training=False)), y)
 
-    return hessian_diagonal(
-        batch_loss, variables, data=iterate_batches(data, batch_size=batch_size)
-    )
+    batches = list(iterate_batches(data, batch_size=batch_size))
+    diagonal = hessian_diagonal(batch_loss, variables, data=batches)
+    nll = sum(float(batch_loss(batch)) for batch in batches)
+    count = sum(int(tf.shape(tf.nest.flatten(x)[0])[0]) for x, _ in batches)
+    return CurvatureFit(diagonal, nll, count)
