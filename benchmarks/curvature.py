@@ -152,18 +152,22 @@ def main() -> None:
     if args.child:
         child_memory(*args.child)
         return
-    print(f"{N} examples, batches of {BATCH}, {tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads; medians of {args.repeats} alternating runs")
+    print(f"{N} examples, batches of {BATCH}, {os.cpu_count()} CPUs, TF {tf.__version__}; "
+          f"medians of {args.repeats} alternating runs")  # fmt: skip
     for name in args.models.split(","):
-        methods = METHODS if name == "mlp" or args.repeats else METHODS
-        times = time_methods(name, args.repeats, methods)
-        memory = {} if args.skip_memory else {m: measure_memory(name, m) for m in methods}
-        print(f"\n{name}: {sum(v.shape.num_elements() for v in build(name)[0].trainable_variables):,} parameters")
-        print(f"{'method':<10} {'time [s]':>9} {'x gradient':>11} {'peak [MiB]':>11} {'x gradient':>11}")
-        for method in methods:
+        times = time_methods(name, args.repeats, METHODS)
+        memory = {} if args.skip_memory else {m: measure_memory(name, m) for m in METHODS}
+        size = sum(v.shape.num_elements() for v in build(name)[0].trainable_variables)
+        print(f"\n{name}: {size:,} parameters")
+        header = ("method", "time [s]", "x gradient", "peak [MiB]", "x gradient")
+        print(f"{header[0]:<10} {header[1]:>9} {header[2]:>11} {header[3]:>11} {header[4]:>11}")
+        for method in METHODS:
             ratio = times[method] / times["gradient"]
             mem = memory.get(method)
             mem_cells = (
-                f"{mem:>11.1f} {mem / max(memory['gradient'], 1e-9):>11.2f}" if mem is not None else ""
+                f"{mem:>11.1f} {mem / max(memory['gradient'], 1e-9):>11.2f}"
+                if mem is not None
+                else ""
             )
             print(f"{method:<10} {times[method]:>9.3f} {ratio:>11.2f} {mem_cells}")
 

@@ -30,6 +30,8 @@ def as_param_list(params: Sequence[Any]) -> list:
                 "keras.Variable or tf.Tensor."
             )
         if not param.dtype.is_floating:
-            raise TypeError(f"params[{position}] has dtype {param.dtype.name}; it must be floating.")
+            raise TypeError(
+                f"params[{position}] has dtype {param.dtype.name}; it must be floating."
+            )
         normalised.append(param)
     return normalised

@@ -142,7 +142,9 @@ def get_likelihood(likelihood: str | Likelihood, *, sigma_noise: float = 1.0) ->
         return Binary()
     if likelihood == "regression":
         return Regression(sigma_noise)
-    raise ValueError(f"Unknown likelihood {likelihood!r}; valid names are {', '.join(LIKELIHOODS)}.")
+    raise ValueError(
+        f"Unknown likelihood {likelihood!r}; valid names are {', '.join(LIKELIHOODS)}."
+    )
 
 
 def _as_labels(y: tf.Tensor) -> tf.Tensor:

@@ -12,6 +12,7 @@ e_j processed a chunk at a time and vectorised with ``pfor`` inside one ``tf.fun
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -74,7 +75,10 @@ def hessian_diagonal(
     """
     params = as_param_list(params)
     _check_chunk_size(chunk_size)
-    row_blocks = [_hessian_row_block_fn(loss_fn, params, index) for index in range(len(params))]
+    row_blocks = _compiled(
+        ("rows", loss_fn, *params),
+        lambda: [_hessian_row_block_fn(loss_fn, params, i) for i in range(len(params))],
+    )
     result = [np.zeros(p.shape, dtype=p.dtype.as_numpy_dtype) for p in params]
     for batch in _batches(data):
         for index, param in enumerate(params):
@@ -124,13 +128,15 @@ def hutchinson_diagonal(
         The estimate, shaped like ``params`` and in their dtypes.
     """
     params = as_param_list(params)
-    if not isinstance(num_samples, int | np.integer) or num_samples < 1:
+    if not _is_count(num_samples):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
     _check_chunk_size(chunk_size)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     chunk = min(num_samples, chunk_size or 64)
-    probe_products = _probe_product_fn(loss_fn, params)
+    probe_products = _compiled(
+        ("probes", loss_fn, *params), lambda: _probe_product_fn(loss_fn, params)
+    )
     result = [np.zeros(p.shape, dtype=p.dtype.as_numpy_dtype) for p in params]
     for batch in _batches(data):
         for start in range(0, num_samples, chunk):
@@ -142,8 +148,31 @@ def hutchinson_diagonal(
     return [tf.constant(r / num_samples) for r in result]
 
 
+#: Compiled functions of the most recent calls, so that repeated calls with the same loss
+#: and parameters do not trace again. Entries hold the loss and parameters alive, so their
+#: identities in the keys stay unique; the cache is small to bound what it keeps alive.
+_COMPILED: OrderedDict = OrderedDict()
+_COMPILED_SIZE = 8
+
+
+def _compiled(objects: tuple, build):
+    key = tuple(id(o) for o in objects)
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key][1]
+    value = build()
+    _COMPILED[key] = (objects, value)
+    while len(_COMPILED) > _COMPILED_SIZE:
+        _COMPILED.popitem(last=False)
+    return value
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+
+
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+    if chunk_size is not None and not _is_count(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
 
 
@@ -186,7 +215,9 @@ def _first_gradient(tape: tf.GradientTape, loss_fn: LossFn, batch: Any, params: 
             inner.watch(p)
         loss = _scalar_loss(loss_fn, batch)
     gradient = inner.gradient(loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [tf.cast(g, p.dtype) for g, p in zip(gradient, params, strict=True)]
+    return [
+        tf.cast(tf.convert_to_tensor(g), p.dtype) for g, p in zip(gradient, params, strict=True)
+    ]
 
 
 def _hessian_row_block_fn(loss_fn: LossFn, params: list, index: int):

@@ -162,7 +162,10 @@ class PerExample:
     def sum_squares(self) -> list[tf.Tensor]:
         def accumulate(examples, total):
             grads = self._grads(examples)
-            return [t + tf.reduce_sum(tf.square(g), axis=[0, 1]) for t, g in zip(total, grads)]
+            return [
+                t + tf.reduce_sum(tf.square(g), axis=[0, 1])
+                for t, g in zip(total, grads, strict=True)
+            ]
 
         return self._reduce(accumulate, [tf.zeros(v.shape, v.dtype) for v in self.variables])
 
@@ -346,7 +349,11 @@ def _patches(layer, inputs):
     padded, padding = _conv_padded(layer, inputs)
     if len(layer.kernel_size) == 1:
         padded = padded[:, None]
-        sizes, strides, rates = [1, *layer.kernel_size], [1, *layer.strides], [1, *layer.dilation_rate]
+        sizes, strides, rates = (
+            [1, *layer.kernel_size],
+            [1, *layer.strides],
+            [1, *layer.dilation_rate],
+        )
     else:
         sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
     patches = tf.image.extract_patches(
@@ -435,17 +442,29 @@ def _norm_applies(kind):
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(lambda layer: type(layer) is keras.layers.Dense and _plain(layer),
-         _dense_forward, _dense_factors),
+    Rule(
+        lambda layer: type(layer) is keras.layers.Dense and _plain(layer),
+        _dense_forward,
+        _dense_factors,
+    ),
     Rule(_einsum_applies, _einsum_forward, _einsum_factors),
     Rule(_conv_applies, _conv_forward, _conv_factors),
-    Rule(lambda layer: type(layer) is keras.layers.Embedding and _plain(layer)
-         and not getattr(layer, "sparse", False),
-         _embedding_forward, _embedding_factors),
+    Rule(
+        lambda layer: (
+            type(layer) is keras.layers.Embedding
+            and _plain(layer)
+            and not getattr(layer, "sparse", False)
+        ),
+        _embedding_forward,
+        _embedding_factors,
+    ),
     Rule(_norm_applies(keras.layers.LayerNormalization), _call_layer, _layer_norm_factors),
-    Rule(lambda layer: type(layer) is keras.layers.BatchNormalization and not layer.renorm,
-         _call_layer, _batch_norm_factors),
-)  # fmt: skip
+    Rule(
+        lambda layer: type(layer) is keras.layers.BatchNormalization and not layer.renorm,
+        _call_layer,
+        _batch_norm_factors,
+    ),
+)
 
 
 def rule_for(layer: keras.layers.Layer) -> Rule | None:

@@ -87,9 +87,16 @@ def diagonal(
         The diagonal, shaped like ``params``.
     """
     return fit_diagonal(
-        model, data, likelihood=likelihood, kind=kind, params=params, mc_samples=mc_samples,
-        seed=seed, sigma_noise=sigma_noise, batch_size=batch_size,
-    ).diagonal  # fmt: skip
+        model,
+        data,
+        likelihood=likelihood,
+        kind=kind,
+        params=params,
+        mc_samples=mc_samples,
+        seed=seed,
+        sigma_noise=sigma_noise,
+        batch_size=batch_size,
+    ).diagonal
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,7 @@ class CurvatureFit:
     diagonal: list[tf.Tensor]
     nll: float
     n_data: int
+    n_outputs: int
 
 
 def fit_diagonal(
@@ -125,15 +133,20 @@ def fit_diagonal(
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     kind = "ggn" if kind == "hessian" else kind
-    step = _cached(model, ("diagonal", repr(likelihood), kind, mc_samples), variables,
-                   lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples))  # fmt: skip
-    total, nll, count = None, 0.0, 0
+    step = _cached(
+        model,
+        ("diagonal", repr(likelihood), kind, mc_samples),
+        variables,
+        lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples),
+    )
+    total, nll, count, width = None, 0.0, 0, 0
     for index, (x, y) in enumerate(iterate_batches(data, batch_size=batch_size)):
-        parts, batch_nll, batch_count = step(x, y, tf.constant([seed, index], tf.int64))
+        parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
         total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
         nll += float(batch_nll)
-        count += int(batch_count)
-    return CurvatureFit(total, nll, count)
+        count += int(shape[0])
+        width = int(shape[1])
+    return CurvatureFit(total, nll, count, width)
 
 
 def output_covariance(
@@ -162,6 +175,18 @@ def output_covariance(
         Default ``model.trainable_variables``.
     batch_size : int
     """
+    return glm_moments(model, x, weights, params=params, batch_size=batch_size)[1]
+
+
+def glm_moments(
+    model: keras.Model,
+    x: Any,
+    weights: Sequence[Any],
+    *,
+    params: Sequence[Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Outputs ``f(x)`` (``[N, C]``) and :func:`output_covariance` from one pass."""
     variables = _model_variables(model, params)
     weights = [tf.convert_to_tensor(w, v.dtype) for w, v in zip(weights, variables, strict=True)]
     for w, v in zip(weights, variables, strict=True):
@@ -169,7 +194,8 @@ def output_covariance(
             raise ValueError(f"weights for {v.path} have shape {w.shape}, expected {v.shape}.")
     step = _cached(model, ("covariance",), variables, lambda: _covariance_step(model, variables))
     dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-    return tf.concat([step(batch, weights) for batch in dataset], axis=0)
+    means, covariances = zip(*(step(batch, weights) for batch in dataset), strict=True)
+    return tf.concat(means, axis=0), tf.concat(covariances, axis=0)
 
 
 def is_piecewise_linear(model: keras.Model) -> bool:
@@ -206,14 +232,38 @@ _PIECEWISE_LINEAR_ACTIVATIONS = {
 }
 _L = keras.layers
 _PIECEWISE_LINEAR_LAYERS = {
-    _L.InputLayer, _L.Dense, _L.EinsumDense, _L.Conv1D, _L.Conv2D, _L.Embedding,
-    _L.BatchNormalization, _L.Flatten, _L.Reshape, _L.Permute, _L.Dropout, _L.Identity,
-    _L.ReLU, _L.LeakyReLU, _L.Activation, _L.MaxPooling1D, _L.MaxPooling2D,
-    _L.AveragePooling1D, _L.AveragePooling2D, _L.GlobalAveragePooling1D,
-    _L.GlobalAveragePooling2D, _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D,
-    _L.Concatenate, _L.Add, _L.Subtract, _L.Average, _L.ZeroPadding1D, _L.ZeroPadding2D,
-    _L.Cropping1D, _L.Cropping2D,
-}  # fmt: skip
+    _L.InputLayer,
+    _L.Dense,
+    _L.EinsumDense,
+    _L.Conv1D,
+    _L.Conv2D,
+    _L.Embedding,
+    _L.BatchNormalization,
+    _L.Flatten,
+    _L.Reshape,
+    _L.Permute,
+    _L.Dropout,
+    _L.Identity,
+    _L.ReLU,
+    _L.LeakyReLU,
+    _L.Activation,
+    _L.MaxPooling1D,
+    _L.MaxPooling2D,
+    _L.AveragePooling1D,
+    _L.AveragePooling2D,
+    _L.GlobalAveragePooling1D,
+    _L.GlobalAveragePooling2D,
+    _L.GlobalMaxPooling1D,
+    _L.GlobalMaxPooling2D,
+    _L.Concatenate,
+    _L.Add,
+    _L.Subtract,
+    _L.Average,
+    _L.ZeroPadding1D,
+    _L.ZeroPadding2D,
+    _L.Cropping1D,
+    _L.Cropping2D,
+}
 
 
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -267,9 +317,7 @@ def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]
     columns = tf.cast(tf.transpose(columns, [2, 0, 1]), outputs.dtype)
 
     def backward(column):
-        grads = tape.gradient(
-            outputs, cuts, output_gradients=column, unconnected_gradients="zero"
-        )
+        grads = tape.gradient(outputs, cuts, output_gradients=column, unconnected_gradients="zero")
         return [tf.cast(g, c.dtype) for g, c in zip(grads, cuts, strict=True)]
 
     count = columns.shape[0]
@@ -311,8 +359,7 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         for factor in _site_factors(tape, raw, sites, columns):
             for v, square in zip(_factor_variables(factor), factor.sum_squares(), strict=True):
                 totals[id(v)] += tf.cast(square, v.dtype)
-        count = tf.shape(outputs)[0]
-        return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), count
+        return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), tf.shape(outputs)
 
     return step
 
@@ -324,14 +371,14 @@ def _covariance_step(model, variables):
     def step(x, weights):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
-            _loss_outputs(raw)
+            outputs = _loss_outputs(raw)
         eye = tf.eye(tf.shape(raw)[1], dtype=raw.dtype)
         columns = tf.broadcast_to(eye, [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]])
         covariance = tf.zeros([tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]], raw.dtype)
         for factor in _site_factors(tape, raw, sites, columns):
             factor_weights = [weights[index[id(v)]] for v in _factor_variables(factor)]
             covariance += tf.cast(factor.weighted_gram(factor_weights), raw.dtype)
-        return covariance
+        return outputs, tf.cast(covariance, outputs.dtype)
 
     return step
 
@@ -356,6 +403,10 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size):
 
     batches = list(iterate_batches(data, batch_size=batch_size))
     diagonal = hessian_diagonal(batch_loss, variables, data=batches)
-    nll = sum(float(batch_loss(batch)) for batch in batches)
-    count = sum(int(tf.shape(tf.nest.flatten(x)[0])[0]) for x, _ in batches)
-    return CurvatureFit(diagonal, nll, count)
+    nll, count, width = 0.0, 0, 0
+    for x, y in batches:
+        outputs = _loss_outputs(model(x, training=False))
+        nll += float(likelihood.nll(outputs, y))
+        count += int(outputs.shape[0])
+        width = int(outputs.shape[1])
+    return CurvatureFit(diagonal, nll, count, width)

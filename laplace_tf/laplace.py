@@ -1,0 +1,596 @@
+"""``DiagonalLaplace``: a diagonal Gaussian posterior over a trained model's weights.
+
+Posterior ``N(theta_MAP, diag(1 / (h / T + delta)))`` with ``h`` the diagonal curvature
+of the summed negative log-likelihood, ``T`` the temperature and ``delta`` the prior
+precision. Definitions follow Laplace Redux (Daxberger et al., 2021) and laplace-torch,
+so numbers agree on identical weights, data and curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from laplace_tf import predictive
+from laplace_tf._data import DEFAULT_BATCH_SIZE
+from laplace_tf.curvature.structured import KINDS, fit_diagonal, glm_moments
+from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
+from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
+
+tfd = tfp.distributions
+
+SUBSETS = ("all", "last_layer")
+PRED_TYPES = ("glm", "nn")
+
+
+class DiagonalLaplace:
+    """Diagonal Laplace approximation of the posterior over a trained Keras model.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A trained, built model with one output ``[N, C]`` (logits, one logit for
+        ``"binary"``, or the mean for ``"regression"``). It is never modified.
+    likelihood : {"classification", "binary", "regression"}
+    curvature : {"ggn", "ggn_mc", "ef", "hessian"}
+        Curvature kind, see :func:`laplace_tf.curvature.diagonal`.
+    subset : "all", "last_layer" or list of str
+        Weights that get a posterior: all trainable weights, those of the last layer
+        that has weights, or those of the named layers. The others stay at their
+        trained values.
+    prior_precision : float, list of float, or list of arrays
+        ``delta``: a scalar, one value per selected layer, or one array per selected
+        weight (shaped like it). Must be positive.
+    prior_mean : float or list of arrays
+        Mean of the Gaussian prior (used in the marginal likelihood).
+    sigma_noise : float
+        Observation noise of the ``"regression"`` likelihood.
+    temperature : float
+        ``T``; the curvature and the log-likelihood are divided by it.
+
+    Examples
+    --------
+    >>> la = DiagonalLaplace(model, "classification").fit((x_train, y_train))  # doctest: +SKIP
+    >>> la.optimize_prior_precision()                                          # doctest: +SKIP
+    >>> probs = la.predict(x_test)                                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        likelihood: str = "classification",
+        *,
+        curvature: str = "ggn",
+        subset: str | Sequence[str] = "all",
+        prior_precision: Any = 1.0,
+        prior_mean: Any = 0.0,
+        sigma_noise: float = 1.0,
+        temperature: float = 1.0,
+    ):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        if not model.built:
+            raise ValueError("model is not built: call it on data (or build it) first.")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"Unknown likelihood {likelihood!r}; valid names are {', '.join(LIKELIHOODS)}."
+            )
+        if curvature not in KINDS:
+            raise ValueError(
+                f"Unknown curvature {curvature!r}; valid kinds are {', '.join(KINDS)}."
+            )
+        self.model = model
+        self.likelihood = likelihood
+        self.curvature = curvature
+        self.subset = subset
+        self._groups = _select_groups(model, subset)
+        self.variables = [v for group in self._groups for v in group]
+        self.sigma_noise = sigma_noise
+        self.temperature = _positive("temperature", temperature)
+        self._prior = PriorPrecision.from_value(prior_precision, self._groups)
+        self.prior_mean = _prior_mean(prior_mean, self.variables)
+        self._fit: dict[str, Any] | None = None
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def sigma_noise(self) -> float:
+        """Observation noise of the regression likelihood."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float) -> None:
+        self._sigma_noise = _positive("sigma_noise", value)
+
+    @property
+    def prior_precision(self) -> float | list:
+        """The prior precision: a float (scalar), a list of floats (layerwise) or arrays."""
+        return self._prior.value
+
+    @prior_precision.setter
+    def prior_precision(self, value: Any) -> None:
+        self._prior = PriorPrecision.from_value(value, self._groups)
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def fit(self, data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> DiagonalLaplace:
+        """Compute the curvature over ``data`` (one pass) and the MAP log-likelihood.
+
+        ``data`` is a ``tf.data.Dataset`` of ``(x, y)`` batches or an ``(x, y)`` tuple of
+        arrays. For regression the curvature is stored at unit noise and rescaled by
+        ``sigma_noise``, so the noise can be tuned later. Returns ``self``. A failure
+        leaves both the model and any previous fit untouched.
+        """
+        fitted = fit_diagonal(
+            self.model,
+            data,
+            likelihood=get_likelihood(self.likelihood, sigma_noise=1.0),
+            kind=self.curvature,
+            params=self.variables,
+            batch_size=batch_size,
+        )
+        loss = fitted.nll
+        if self.likelihood == "regression":  # keep half the squared error: nll at unit noise
+            loss -= fitted.n_data * fitted.n_outputs * math.log(2 * math.pi) / 2
+        self._fit = {
+            "curvature": [tf.constant(h) for h in fitted.diagonal],
+            "loss": loss,
+            "n_data": fitted.n_data,
+            "n_outputs": fitted.n_outputs,
+            "mean": [tf.identity(_value(v)) for v in self.variables],
+        }
+        return self
+
+    def _sigma(self, sigma_noise: Any) -> Any:
+        if sigma_noise is None:
+            return self.sigma_noise
+        if isinstance(sigma_noise, tf.Tensor | tf.Variable):
+            return sigma_noise
+        return _positive("sigma_noise", sigma_noise)
+
+    def _fitted(self) -> dict[str, Any]:
+        if self._fit is None:
+            raise RuntimeError("This DiagonalLaplace is not fitted yet: call fit(data) first.")
+        return self._fit
+
+    @property
+    def n_data(self) -> int:
+        """Number of training examples seen by ``fit``."""
+        return self._fitted()["n_data"]
+
+    @property
+    def mean(self) -> list[tf.Tensor]:
+        """The MAP weights (posterior mean) captured by ``fit``."""
+        return list(self._fitted()["mean"])
+
+    def curvature_diagonal(self, sigma_noise: Any = None) -> list[tf.Tensor]:
+        """The curvature ``h`` of the summed NLL at ``sigma_noise`` (before temperature)."""
+        fit = self._fitted()
+        if self.likelihood != "regression":
+            return list(fit["curvature"])
+        sigma = self._sigma(sigma_noise)
+        power = 4 if self.curvature == "ef" else 2
+        return [h / tf.cast(sigma, h.dtype) ** power for h in fit["curvature"]]
+
+    # -- posterior -------------------------------------------------------------------------
+
+    @property
+    def posterior_precision(self) -> list[tf.Tensor]:
+        """``h / T + delta``, shaped like the selected weights."""
+        return self._posterior_precision(self._prior.per_weight(), None)
+
+    def _posterior_precision(self, prior: list[tf.Tensor], sigma_noise: Any) -> list[tf.Tensor]:
+        return [
+            h / self.temperature + tf.cast(p, h.dtype)
+            for h, p in zip(self.curvature_diagonal(sigma_noise), prior, strict=True)
+        ]
+
+    @property
+    def posterior_variance(self) -> list[tf.Tensor]:
+        """``1 / posterior_precision``."""
+        return [1.0 / p for p in self.posterior_precision]
+
+    @property
+    def posterior_stddev(self) -> list[tf.Tensor]:
+        """``1 / sqrt(posterior_precision)``."""
+        return [tf.math.rsqrt(p) for p in self.posterior_precision]
+
+    @property
+    def posterior(self) -> tfd.Distribution:
+        """The posterior as a TFP joint distribution over the selected weights (a list)."""
+        parts = [
+            tfd.Independent(tfd.Normal(m, s), reinterpreted_batch_ndims=len(m.shape))
+            for m, s in zip(self.mean, self.posterior_stddev, strict=True)
+        ]
+        return tfd.JointDistributionSequential(parts)
+
+    def sample(self, n: int, *, seed: int | None = None) -> list[tf.Tensor]:
+        """``n`` posterior draws: a list of ``[n, *shape]`` tensors. Same seed, same draws."""
+        if not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        seed = _seed(seed)
+        draws = []
+        for index, (m, s) in enumerate(zip(self.mean, self.posterior_stddev, strict=True)):
+            noise = tf.random.stateless_normal([n, *m.shape], seed=[seed, index], dtype=m.dtype)
+            draws.append(m + s * noise)
+        return draws
+
+    # -- marginal likelihood ---------------------------------------------------------------
+
+    def log_likelihood(self, sigma_noise: Any = None) -> tf.Tensor:
+        """Log-likelihood of the training data at the MAP, divided by the temperature."""
+        fit = self._fitted()
+        loss = tf.constant(fit["loss"], tf.float64)
+        if self.likelihood != "regression":
+            return -loss / self.temperature
+        sigma = tf.cast(self._sigma(sigma_noise), tf.float64)
+        count = fit["n_data"] * fit["n_outputs"]
+        return -loss / (sigma**2 * self.temperature) - count * tf.math.log(
+            sigma * math.sqrt(2 * math.pi)
+        )
+
+    def log_marginal_likelihood(self, prior_precision: Any = None, sigma_noise: Any = None):
+        """Laplace estimate of ``log p(D)``, differentiable in both arguments.
+
+        ``log p(D | theta) - 1/2 [sum log(h/T + delta) - sum log delta
+        + sum delta (theta - mu_0)^2]`` over the selected weights (the other weights
+        are held fixed). Arguments default to the current values; tensors (e.g.
+        variables being optimised) are accepted.
+        """
+        fit = self._fitted()
+        prior = (
+            self._prior.per_weight()
+            if prior_precision is None
+            else PriorPrecision.expand(prior_precision, self._groups)
+        )
+        posterior = self._posterior_precision(prior, sigma_noise)
+        total = self.log_likelihood(sigma_noise)
+        for p, post, theta, mu in zip(prior, posterior, fit["mean"], self.prior_mean, strict=True):
+            p = tf.cast(tf.broadcast_to(p, post.shape), tf.float64)
+            post = tf.cast(post, tf.float64)
+            scatter = tf.reduce_sum(p * tf.square(tf.cast(theta - mu, tf.float64)))
+            log_det_ratio = tf.reduce_sum(tf.math.log(post)) - tf.reduce_sum(tf.math.log(p))
+            total -= 0.5 * (log_det_ratio + scatter)
+        return total
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        *,
+        prior_structure: str = "scalar",
+        val_data: tuple | None = None,
+        grid: Sequence[float] | None = None,
+        metric: Callable[[Any, Any], float] | None = None,
+        optimize_sigma_noise: bool = False,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+    ) -> DiagonalLaplace:
+        """Tune the prior precision; returns ``self``.
+
+        ``method="marglik"`` maximises :meth:`log_marginal_likelihood` over the log prior
+        precision with the given ``prior_structure`` ("scalar", "layerwise", "diag")
+        by L-BFGS-B (and over ``sigma_noise`` for regression if
+        ``optimize_sigma_noise``). ``method="gridsearch"`` picks, from ``grid``
+        (default ``logspace(-4, 4, 21)``) of scalar values, the one that minimises
+        ``metric(predictions, y)`` on ``val_data = (x, y)`` (default: the NLL of the
+        predictive).
+        """
+        self._fitted()
+        if prior_structure not in PRIOR_STRUCTURES:
+            raise ValueError(
+                f"Unknown prior_structure {prior_structure!r}; "
+                f"valid: {', '.join(PRIOR_STRUCTURES)}."
+            )
+        if method == "marglik":
+            if optimize_sigma_noise and self.likelihood != "regression":
+                raise ValueError("optimize_sigma_noise applies to the regression likelihood only.")
+            self._optimize_marglik(prior_structure, optimize_sigma_noise)
+        elif method == "gridsearch":
+            if prior_structure != "scalar":
+                raise ValueError("gridsearch tunes a scalar prior precision only.")
+            if val_data is None:
+                raise ValueError("gridsearch needs val_data=(x_val, y_val).")
+            self._gridsearch(val_data, grid, metric, pred_type, link_approx)
+        else:
+            raise ValueError(f"Unknown method {method!r}; valid methods are marglik, gridsearch.")
+        return self
+
+    def _optimize_marglik(self, structure: str, with_noise: bool) -> None:
+        from scipy.optimize import minimize
+
+        log_prior = PriorPrecision.initial_log(self._prior, structure, self._groups)
+        sizes = [int(np.size(p)) for p in log_prior]
+        start = np.concatenate([np.ravel(p) for p in log_prior])
+        if with_noise:
+            start = np.append(start, math.log(self.sigma_noise))
+
+        def unpack(flat: tf.Tensor):
+            parts = tf.split(flat[: sum(sizes)], sizes)
+            prior = PriorPrecision.from_log(parts, log_prior, structure)
+            sigma = tf.exp(flat[-1]) if with_noise else None
+            return prior, sigma
+
+        def objective(flat: np.ndarray):
+            flat = tf.constant(flat, tf.float64)
+            with tf.GradientTape() as tape:
+                tape.watch(flat)
+                prior, sigma = unpack(flat)
+                value = -self.log_marginal_likelihood(prior, sigma)
+            return float(value), tape.gradient(value, flat).numpy()
+
+        bounds = [(-25.0, 25.0)] * len(start)
+        result = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
+        prior, sigma = unpack(tf.constant(result.x, tf.float64))
+        self._prior = PriorPrecision.from_value(
+            PriorPrecision.to_value(prior, structure), self._groups
+        )
+        if with_noise:
+            self.sigma_noise = float(sigma)
+
+    def _gridsearch(self, val_data, grid, metric, pred_type, link_approx) -> None:
+        x_val, y_val = val_data
+        grid = np.logspace(-4, 4, 21) if grid is None else np.asarray(grid, dtype=float)
+        if grid.ndim != 1 or grid.size == 0 or np.any(~np.isfinite(grid)) or np.any(grid <= 0):
+            raise ValueError("grid must be a non-empty 1-D sequence of positive finite values.")
+        metric = metric or self._predictive_nll
+        original = self._prior
+        scores = []
+        try:
+            for value in grid:
+                self._prior = PriorPrecision.from_value(float(value), self._groups)
+                predictions = self.predict(x_val, pred_type=pred_type, link_approx=link_approx)
+                scores.append(float(metric(predictions, y_val)))
+        finally:
+            self._prior = original
+        scores = np.asarray(scores)
+        if not np.any(np.isfinite(scores)):
+            raise ValueError("every grid value gave a non-finite metric.")
+        best = int(np.nanargmin(np.where(np.isfinite(scores), scores, np.nan)))
+        self._prior = PriorPrecision.from_value(float(grid[best]), self._groups)
+        self.gridsearch_scores_ = dict(zip(grid.tolist(), scores.tolist(), strict=True))
+
+    def _predictive_nll(self, predictions: Any, y: Any) -> float:
+        """Mean negative log predictive density of ``y``."""
+        if self.likelihood == "regression":
+            mean, variance = (np.asarray(a, dtype=float) for a in predictions)
+            y = np.asarray(y, dtype=float).reshape(mean.shape)
+            return float(
+                np.mean(
+                    np.sum(
+                        0.5 * np.log(2 * np.pi * variance) + 0.5 * (y - mean) ** 2 / variance,
+                        axis=-1,
+                    )
+                )
+            )
+        probs = np.asarray(predictions, dtype=float)
+        y = np.asarray(y).reshape(-1)
+        if self.likelihood == "binary":
+            p = probs.reshape(-1)
+            picked = np.where(y == 1, p, 1 - p)
+        else:
+            picked = probs[np.arange(len(y)), y.astype(int)]
+        return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def predict(
+        self,
+        x: Any,
+        *,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        seed: int | None = None,
+        include_noise: bool = True,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
+        """Posterior predictive at inputs ``x``.
+
+        Classification: probabilities ``[N, C]``; binary: ``[N, 1]``; regression:
+        ``(mean, variance)``, each ``[N, D]``, where the variance is the functional
+        variance plus ``sigma_noise**2`` (``include_noise=False`` gives the functional
+        part alone).
+
+        ``pred_type="glm"`` linearises the network at the MAP: outputs are Gaussian with
+        covariance ``J diag(posterior_variance) J^T`` per example (from the layer rules,
+        never a ``[N, C, P]`` Jacobian) and ``link_approx`` ("probit", "bridge" or "mc")
+        maps them to probabilities. ``pred_type="nn"`` averages the real network over
+        ``n_samples`` weight draws.
+        """
+        self._fitted()
+        _check_choice("pred_type", pred_type, PRED_TYPES)
+        _check_choice("link_approx", link_approx, predictive.LINK_APPROXIMATIONS)
+        if pred_type == "nn":
+            samples = self.predictive_samples(
+                x, n_samples, pred_type="nn", seed=seed, batch_size=batch_size
+            )
+            if self.likelihood != "regression":
+                return tf.reduce_mean(samples, axis=0)
+            mean = tf.reduce_mean(samples, axis=0)
+            variance = tf.math.reduce_variance(samples, axis=0)
+            return mean, variance + (self.sigma_noise**2 if include_noise else 0.0)
+        mean, covariance = self._glm(x, batch_size)
+        if self.likelihood == "regression":
+            variance = tf.linalg.diag_part(covariance)
+            return mean, variance + (self.sigma_noise**2 if include_noise else 0.0)
+        binary = self.likelihood == "binary"
+        if link_approx == "probit":
+            return predictive.probit(mean, covariance, binary=binary)
+        if link_approx == "bridge":
+            if binary:
+                raise ValueError(
+                    "link_approx='bridge' needs two or more classes; use probit or mc."
+                )
+            return predictive.bridge(mean, covariance)
+        return predictive.monte_carlo(
+            mean,
+            covariance,
+            n_samples=_positive_int("n_samples", n_samples),
+            seed=[_seed(seed), 0],
+            binary=binary,
+        )
+
+    def _glm(self, x: Any, batch_size: int):
+        return glm_moments(
+            self.model, x, self.posterior_variance, params=self.variables, batch_size=batch_size
+        )
+
+    def predictive_samples(
+        self,
+        x: Any,
+        n_samples: int,
+        *,
+        pred_type: str = "nn",
+        seed: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> tf.Tensor:
+        """``[n_samples, N, C]`` draws of the predictive: probabilities for classification
+        and binary, outputs ``f`` for regression (without observation noise).
+
+        ``"nn"`` evaluates the real network at posterior weight draws (functionally: the
+        model's own weights are never assigned); ``"glm"`` draws outputs from the
+        linearised model's Gaussian.
+        """
+        self._fitted()
+        _check_choice("pred_type", pred_type, PRED_TYPES)
+        n_samples = _positive_int("n_samples", n_samples)
+        seed = _seed(seed)
+        if pred_type == "glm":
+            mean, covariance = self._glm(x, batch_size)
+            jitter = predictive._jitter(covariance) * tf.eye(tf.shape(mean)[-1], dtype=mean.dtype)
+            factor = tf.linalg.cholesky(covariance + jitter)
+            noise = tf.random.stateless_normal(
+                tf.concat([[n_samples], tf.shape(mean)], 0), seed=[seed, 1], dtype=mean.dtype
+            )
+            outputs = mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
+        else:
+            outputs = self._sampled_outputs(x, self.sample(n_samples, seed=seed), batch_size)
+        return self._link(outputs)
+
+    def _link(self, outputs: tf.Tensor) -> tf.Tensor:
+        if self.likelihood == "classification":
+            return tf.nn.softmax(outputs, axis=-1)
+        if self.likelihood == "binary":
+            return tf.sigmoid(outputs)
+        return outputs
+
+    def _sampled_outputs(self, x: Any, draws: list[tf.Tensor], batch_size: int) -> tf.Tensor:
+        selected = {id(v): i for i, v in enumerate(self.variables)}
+        trainable = [_value(v) for v in self.model.trainable_variables]
+        positions = [selected.get(id(v)) for v in self.model.trainable_variables]
+        non_trainable = [_value(v) for v in self.model.non_trainable_variables]
+        forward = _stateless_forward(self.model)
+        dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        per_sample = []
+        for s in range(int(draws[0].shape[0])):
+            values = [
+                t if i is None else draws[i][s] for t, i in zip(trainable, positions, strict=True)
+            ]
+            per_sample.append(tf.concat([forward(values, non_trainable, b) for b in dataset], 0))
+        return tf.stack(per_sample)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _stateless_forward(model):
+    @tf.function(reduce_retracing=True, autograph=False)
+    def forward(trainable, non_trainable, x):
+        outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        return outputs
+
+    return forward
+
+
+def _value(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _select_groups(model: keras.Model, subset) -> list[list]:
+    """The selected trainable weights, grouped by the layer that owns them."""
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if [v for v in layer._trainable_variables if v.trainable]
+    ]
+    if subset == "all":
+        chosen = layers
+    elif subset == "last_layer":
+        if not layers:
+            raise ValueError("model has no trainable weights.")
+        chosen = [layers[-1]]
+    elif isinstance(subset, str):
+        raise ValueError(
+            f"Unknown subset {subset!r}; valid: {', '.join(SUBSETS)}, or a list of layer names."
+        )
+    else:
+        by_name = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+        subset = list(subset)
+        missing = [name for name in subset if name not in by_name]
+        if missing or not subset:
+            raise ValueError(
+                f"subset names layers the model lacks: {missing}; its layers with weights are "
+                f"{[layer.name for layer in layers if layer is not model]}."
+            )
+        chosen = [by_name[name] for name in subset]
+    groups = []
+    for layer in chosen:
+        variables = (
+            [v for v in layer._trainable_variables if v.trainable]
+            if subset in SUBSETS
+            else list(layer.trainable_variables)
+        )
+        if not variables:
+            raise ValueError(f"layer {layer.name!r} has no trainable weights.")
+        groups.append(variables)
+    if not groups:
+        raise ValueError("model has no trainable weights.")
+    return groups
+
+
+def _prior_mean(value: Any, variables: list) -> list[tf.Tensor]:
+    if np.ndim(value) == 0 and not isinstance(value, list | tuple):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"prior_mean must be finite, got {value}.")
+        return [tf.fill(v.shape, tf.constant(value, v.dtype)) for v in variables]
+    value = list(value)
+    if len(value) != len(variables):
+        raise ValueError(f"prior_mean needs {len(variables)} arrays, got {len(value)}.")
+    means = []
+    for m, v in zip(value, variables, strict=True):
+        m = tf.convert_to_tensor(m, v.dtype)
+        if m.shape != v.shape:
+            raise ValueError(f"prior_mean for {v.path} has shape {m.shape}, expected {v.shape}.")
+        means.append(m)
+    return means
+
+
+def _positive(name: str, value: Any) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}.")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"Unknown {name} {value!r}; valid values are {', '.join(valid)}.")
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % (2**31))
+    return int(seed)

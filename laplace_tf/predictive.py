@@ -1,0 +1,62 @@
+"""Link approximations: from a Gaussian over outputs to predictive probabilities.
+
+Given per-example output means ``f`` (``[N, C]``) and covariances ``Sigma`` (``[N, C, C]``)
+of the linearised (GLM) predictive, these approximate ``E[softmax(g)]`` (or
+``E[sigmoid(g)]``) for ``g ~ N(f, Sigma)``, following the definitions of
+Laplace Redux (Daxberger et al., 2021) used by laplace-torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+LINK_APPROXIMATIONS = ("probit", "bridge", "mc")
+
+
+def probit(mean: tf.Tensor, covariance: tf.Tensor, *, binary: bool = False) -> tf.Tensor:
+    """Probit approximation: ``softmax(f / sqrt(1 + pi/8 diag Sigma))`` (sigmoid if binary)."""
+    variance = tf.linalg.diag_part(covariance)
+    scaled = mean / tf.sqrt(1.0 + math.pi / 8.0 * variance)
+    return tf.sigmoid(scaled) if binary else tf.nn.softmax(scaled, axis=-1)
+
+
+def bridge(mean: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
+    """Laplace bridge: the mean of the Dirichlet matched to ``N(f, diag Sigma)``.
+
+    ``alpha_k = (1 - 2/C + exp(f_k) / C^2 sum_j exp(-f_j)) / Sigma_kk`` and the
+    probabilities are ``alpha / sum(alpha)`` (Hobbhahn et al., 2022). Needs ``C >= 2``.
+    """
+    classes = tf.cast(tf.shape(mean)[-1], mean.dtype)
+    variance = tf.linalg.diag_part(covariance)
+    sum_exp = tf.reduce_sum(tf.exp(-mean), axis=-1, keepdims=True)
+    alpha = (1.0 - 2.0 / classes + tf.exp(mean) / classes**2 * sum_exp) / variance
+    return alpha / tf.reduce_sum(alpha, axis=-1, keepdims=True)
+
+
+def monte_carlo(
+    mean: tf.Tensor,
+    covariance: tf.Tensor,
+    *,
+    n_samples: int,
+    seed: tf.Tensor,
+    binary: bool = False,
+) -> tf.Tensor:
+    """``mean_s softmax(g_s)`` with ``g_s ~ N(f, Sigma)`` drawn per example (sigmoid if binary)."""
+    width = tf.shape(mean)[-1]
+    jitter = tf.eye(width, dtype=mean.dtype) * _jitter(covariance)
+    factor = tf.linalg.cholesky(covariance + jitter)  # [N, C, C]
+    noise = tf.random.stateless_normal(
+        tf.concat([[n_samples], tf.shape(mean)], 0), seed=seed, dtype=mean.dtype
+    )
+    samples = mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
+    link = tf.sigmoid(samples) if binary else tf.nn.softmax(samples, axis=-1)
+    return tf.reduce_mean(link, axis=0)
+
+
+def _jitter(covariance: tf.Tensor) -> tf.Tensor:
+    """A tiny diagonal shift that keeps the Cholesky factorisation of PSD matrices stable."""
+    scale = tf.reduce_max(tf.abs(tf.linalg.diag_part(covariance)))
+    eps = tf.constant(1e-10 if covariance.dtype == tf.float64 else 1e-6, covariance.dtype)
+    return eps * tf.maximum(scale, 1.0)
