@@ -96,6 +96,7 @@ class DiagonalLaplace:
         self._prior = PriorPrecision.from_value(prior_precision, self._groups)
         self.prior_mean = _prior_mean(prior_mean, self.variables)
         self._fit: dict[str, Any] | None = None
+        self._nn_forward = None
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -470,7 +471,7 @@ class DiagonalLaplace:
             )
             outputs = mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
         else:
-            outputs = self._sampled_outputs(x, self.sample(n_samples, seed=seed), batch_size)
+            outputs = self._sampled_outputs(x, n_samples, seed, batch_size)
         return self._link(outputs)
 
     def _link(self, outputs: tf.Tensor) -> tf.Tensor:
@@ -480,29 +481,53 @@ class DiagonalLaplace:
             return tf.sigmoid(outputs)
         return outputs
 
-    def _sampled_outputs(self, x: Any, draws: list[tf.Tensor], batch_size: int) -> tf.Tensor:
-        selected = {id(v): i for i, v in enumerate(self.variables)}
-        trainable = [_value(v) for v in self.model.trainable_variables]
-        positions = [selected.get(id(v)) for v in self.model.trainable_variables]
-        non_trainable = [_value(v) for v in self.model.non_trainable_variables]
-        forward = _stateless_forward(self.model)
-        dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-        per_sample = []
-        for s in range(int(draws[0].shape[0])):
-            values = [
-                t if i is None else draws[i][s] for t, i in zip(trainable, positions, strict=True)
-            ]
-            per_sample.append(tf.concat([forward(values, non_trainable, b) for b in dataset], 0))
-        return tf.stack(per_sample)
+    def _sampled_outputs(self, x: Any, n_samples: int, seed: int, batch_size: int) -> tf.Tensor:
+        """Network outputs ``[S, N, C]`` at ``S`` weight draws, one draw in memory at a time.
+
+        Draw ``s`` uses the stateless seed ``(seed, s)``; the model is evaluated with
+        ``stateless_call``, so its own weights are never assigned.
+        """
+        if self._nn_forward is None:
+            self._nn_forward = _sampled_forward(self.model, self.variables)
+        mean, stddev = self.mean, self.posterior_stddev
+        batches = [
+            tf.nest.map_structure(tf.convert_to_tensor, b)
+            for b in tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        ]
+        outputs = [
+            tf.concat(
+                [
+                    self._nn_forward(mean, stddev, tf.constant([seed, s], tf.int64), b)
+                    for b in batches
+                ],
+                axis=0,
+            )
+            for s in range(n_samples)
+        ]
+        return tf.stack(outputs)
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _stateless_forward(model):
+def _sampled_forward(model: keras.Model, variables: list):
+    """``(mean, stddev, seed, x) -> f(x; theta)`` with the selected weights drawn from
+    ``N(mean, stddev^2)`` (stateless seed), the others at their current values."""
+    selected = {id(v): i for i, v in enumerate(variables)}
+    positions = [selected.get(id(v)) for v in model.trainable_variables]
+
     @tf.function(reduce_retracing=True, autograph=False)
-    def forward(trainable, non_trainable, x):
-        outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+    def forward(mean, stddev, seed, x):
+        values = []
+        for v, i in zip(model.trainable_variables, positions, strict=True):
+            if i is None:
+                values.append(_value(v))
+                continue
+            noise_seed = tf.random.experimental.stateless_fold_in(seed, i)
+            noise = tf.random.stateless_normal(v.shape, seed=noise_seed, dtype=v.dtype)
+            values.append(mean[i] + stddev[i] * noise)
+        non_trainable = [_value(v) for v in model.non_trainable_variables]
+        outputs, _ = model.stateless_call(values, non_trainable, x, training=False)
         return outputs
 
     return forward
