@@ -120,13 +120,21 @@ class DiagonalLaplace:
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def fit(self, data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> DiagonalLaplace:
+    def fit(
+        self,
+        data: Any,
+        *,
+        progress: Callable[[int], None] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> DiagonalLaplace:
         """Compute the curvature over ``data`` (one pass) and the MAP log-likelihood.
 
         ``data`` is a ``tf.data.Dataset`` of ``(x, y)`` batches or an ``(x, y)`` tuple of
-        arrays. For regression the curvature is stored at unit noise and rescaled by
-        ``sigma_noise``, so the noise can be tuned later. Returns ``self``. A failure
-        leaves both the model and any previous fit untouched.
+        arrays (batched by ``batch_size``). ``progress(n)``, if given, is called after
+        each batch with the number of examples processed. For regression the curvature
+        is stored at unit noise and rescaled by ``sigma_noise``, so the noise can be
+        tuned later. Returns ``self``. A failure leaves both the model and any previous
+        fit untouched.
         """
         fitted = fit_diagonal(
             self.model,
@@ -135,6 +143,7 @@ class DiagonalLaplace:
             kind=self.curvature,
             params=self.variables,
             batch_size=batch_size,
+            progress=progress,
         )
         loss = fitted.nll
         if self.likelihood == "regression":  # keep half the squared error: nll at unit noise

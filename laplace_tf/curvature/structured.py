@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,8 +120,12 @@ def fit_diagonal(
     seed: int | None = None,
     sigma_noise: float = 1.0,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
 ) -> CurvatureFit:
-    """:func:`diagonal`, plus the summed NLL at the current weights and the example count."""
+    """:func:`diagonal`, plus the summed NLL at the current weights and the example count.
+
+    ``progress(n)`` is called after each batch with the number of examples done so far.
+    """
     if kind not in KINDS:
         raise ValueError(f"Unknown curvature kind {kind!r}; valid kinds are {', '.join(KINDS)}.")
     if not isinstance(mc_samples, int | np.integer) or mc_samples < 1:
@@ -129,7 +133,7 @@ def fit_diagonal(
     likelihood = get_likelihood(likelihood, sigma_noise=sigma_noise)
     variables = _model_variables(model, params)
     if kind == "hessian" and not is_piecewise_linear(model):
-        return _black_box_hessian(model, data, likelihood, variables, batch_size)
+        return _black_box_hessian(model, data, likelihood, variables, batch_size, progress)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**31))
     kind = "ggn" if kind == "hessian" else kind
@@ -146,6 +150,8 @@ def fit_diagonal(
         nll += float(batch_nll)
         count += int(shape[0])
         width = int(shape[1])
+        if progress is not None:
+            progress(count)
     return CurvatureFit(total, nll, count, width)
 
 
@@ -387,7 +393,7 @@ def _factor_variables(factor) -> list:
     return factor.variables if hasattr(factor, "variables") else [factor.variable]
 
 
-def _black_box_hessian(model, data, likelihood, variables, batch_size):
+def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=None):
     size = sum(v.shape.num_elements() for v in variables)
     if size > HESSIAN_WARN_PARAMS:
         warnings.warn(
@@ -409,4 +415,6 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size):
         nll += float(likelihood.nll(outputs, y))
         count += int(outputs.shape[0])
         width = int(outputs.shape[1])
+        if progress is not None:
+            progress(count)
     return CurvatureFit(diagonal, nll, count, width)
