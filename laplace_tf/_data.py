@@ -11,6 +11,26 @@ import tensorflow as tf
 DEFAULT_BATCH_SIZE = 256
 
 
+def batched(arrays: Any, batch_size: int) -> tf.data.Dataset:
+    """A dataset of batches of ``arrays`` (an array, or a dict / list / tuple of them)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return tf.data.Dataset.from_tensor_slices(_lists_as_tuples(arrays)).batch(batch_size)
+
+
+def _lists_as_tuples(structure: Any) -> Any:
+    """Lists become tuples, so that tf.data treats them as structures, not as one array."""
+    if isinstance(structure, list):
+        return tuple(_lists_as_tuples(item) for item in structure)
+    if isinstance(structure, tuple):
+        return tuple(_lists_as_tuples(item) for item in structure)
+    if isinstance(structure, dict):
+        return {key: _lists_as_tuples(value) for key, value in structure.items()}
+    return structure
+
+
 def iterate_batches(data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[tuple]:
     """Yield ``(x, y)`` batches of tensors from ``data``.
 
@@ -19,9 +39,7 @@ def iterate_batches(data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Itera
     arrays for multi-input models. Raises ``ValueError`` when no batch is produced.
     """
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data, tf.data.Dataset):
-        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        data = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+        data = batched(data, batch_size)
     elif not isinstance(data, tf.data.Dataset) and not hasattr(data, "__iter__"):
         raise TypeError(
             f"data must be a tf.data.Dataset, an iterable of (x, y) batches or an (x, y) tuple "

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from laplace_tf import predictive
-from laplace_tf._data import DEFAULT_BATCH_SIZE
+from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
 from laplace_tf.curvature.structured import KINDS, fit_diagonal, glm_moments
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
@@ -186,7 +186,7 @@ class DiagonalLaplace:
             return list(fit["curvature"])
         sigma = self._sigma(sigma_noise)
         power = 4 if self.curvature == "ef" else 2
-        return [h / tf.cast(sigma, h.dtype) ** power for h in fit["curvature"]]
+        return [h / _as_dtype(sigma, h.dtype) ** power for h in fit["curvature"]]
 
     # -- posterior -------------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ class DiagonalLaplace:
         loss = tf.constant(fit["loss"], tf.float64)
         if self.likelihood != "regression":
             return -loss / self.temperature
-        sigma = tf.cast(self._sigma(sigma_noise), tf.float64)
+        sigma = _as_dtype(self._sigma(sigma_noise), tf.float64)
         count = fit["n_data"] * fit["n_outputs"]
         return -loss / (sigma**2 * self.temperature) - count * tf.math.log(
             sigma * math.sqrt(2 * math.pi)
@@ -499,10 +499,7 @@ class DiagonalLaplace:
         if self._nn_forward is None:
             self._nn_forward = _sampled_forward(self.model, self.variables)
         mean, stddev = self.mean, self.posterior_stddev
-        batches = [
-            tf.nest.map_structure(tf.convert_to_tensor, b)
-            for b in tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
-        ]
+        batches = list(batched(x, batch_size))
         outputs = [
             tf.concat(
                 [
@@ -540,6 +537,13 @@ def _sampled_forward(model: keras.Model, variables: list):
         return outputs
 
     return forward
+
+
+def _as_dtype(value: Any, dtype: tf.DType) -> tf.Tensor:
+    """``value`` in ``dtype``; Python floats are converted directly (no float32 rounding)."""
+    if isinstance(value, tf.Tensor | tf.Variable):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype)
 
 
 def _value(variable):

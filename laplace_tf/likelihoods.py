@@ -111,25 +111,28 @@ class Regression(Likelihood):
 
     def nll(self, f, y):
         y = _as_regression_targets(y, f)
-        sigma = tf.cast(self.sigma_noise, f.dtype)
+        sigma = tf.constant(self.sigma_noise, f.dtype)
         count = tf.cast(tf.size(f), f.dtype)
         squared = tf.reduce_sum(tf.square(y - f))
         return squared / (2 * sigma**2) + count * tf.math.log(2 * math.pi * sigma**2) / 2
 
     def hessian_factor(self, f):
         width = tf.shape(f)[-1]
-        eye = tf.eye(width, dtype=f.dtype) / tf.cast(self.sigma_noise, f.dtype)
+        eye = tf.eye(width, dtype=f.dtype) / tf.constant(self.sigma_noise, f.dtype)
         return tf.broadcast_to(eye, [tf.shape(f)[0], width, width])
 
     def loss_gradient(self, f, y):
-        return (f - _as_regression_targets(y, f)) / tf.cast(self.sigma_noise, f.dtype) ** 2
+        return (f - _as_regression_targets(y, f)) / tf.constant(self.sigma_noise, f.dtype) ** 2
 
     def sample(self, f, seed):
         noise = tf.random.stateless_normal(tf.shape(f), seed=seed, dtype=f.dtype)
-        return f + tf.cast(self.sigma_noise, f.dtype) * noise
+        return f + tf.constant(self.sigma_noise, f.dtype) * noise
 
     def __repr__(self) -> str:
         return f"Regression(sigma_noise={self.sigma_noise})"
+
+
+BUILT_IN = (Classification, Binary, Regression)
 
 
 def get_likelihood(likelihood: str | Likelihood, *, sigma_noise: float = 1.0) -> Likelihood:

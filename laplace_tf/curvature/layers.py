@@ -313,12 +313,7 @@ _CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D)
 
 
 def _conv_applies(layer) -> bool:
-    return (
-        type(layer) in _CONV_TYPES
-        and _plain(layer)
-        and layer.data_format == "channels_last"
-        and layer.groups == 1
-    )
+    return type(layer) in _CONV_TYPES and _plain(layer) and layer.data_format == "channels_last"
 
 
 def _conv_padded(layer, inputs):
@@ -367,10 +362,15 @@ def _patches(layer, inputs):
 
 
 def _conv_factors(layer, inputs, delta):
+    """Per-sample kernel gradients ``sum_l patch_l (x) delta_l``, group by group."""
+    groups = layer.groups
+    group_inputs = layer.kernel.shape[-2]
+    n, columns = tf.shape(delta)[0], tf.shape(delta)[1]
     patches = _patches(layer, tf.cast(inputs, delta.dtype))
-    flat_delta = tf.reshape(delta, [tf.shape(delta)[0], tf.shape(delta)[1], -1, layer.filters])
-    grads = tf.einsum("nlp,nklo->nkpo", patches, flat_delta)
-    grads = tf.reshape(grads, tf.concat([tf.shape(grads)[:2], layer.kernel.shape], 0))
+    patches = tf.reshape(patches, [n, tf.shape(patches)[1], -1, groups, group_inputs])
+    flat_delta = tf.reshape(delta, [n, columns, -1, groups, layer.filters // groups])
+    grads = tf.einsum("nlpgc,nklgo->nkpcgo", patches, flat_delta)
+    grads = tf.reshape(grads, tf.concat([[n, columns], layer.kernel.shape], 0))
     factors = [Explicit(layer.kernel, grads)]
     if layer.bias is not None:
         factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))

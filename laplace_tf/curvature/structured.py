@@ -21,10 +21,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from laplace_tf._data import DEFAULT_BATCH_SIZE, iterate_batches
+from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
 from laplace_tf.curvature.hessian import hessian_diagonal
 from laplace_tf.curvature.tracing import trace
-from laplace_tf.likelihoods import Likelihood, get_likelihood
+from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
 
 KINDS = ("ggn", "ggn_mc", "ef", "hessian")
 #: Above this many parameters, ``kind="hessian"`` on a non-piecewise-linear model warns.
@@ -139,7 +139,7 @@ def fit_diagonal(
     kind = "ggn" if kind == "hessian" else kind
     step = _cached(
         model,
-        ("diagonal", repr(likelihood), kind, mc_samples),
+        ("diagonal", _likelihood_key(likelihood), kind, mc_samples),
         variables,
         lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples),
     )
@@ -199,7 +199,7 @@ def glm_moments(
         if w.shape != v.shape:
             raise ValueError(f"weights for {v.path} have shape {w.shape}, expected {v.shape}.")
     step = _cached(model, ("covariance",), variables, lambda: _covariance_step(model, variables))
-    dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    dataset = batched(x, batch_size)
     means, covariances = zip(*(step(batch, weights) for batch in dataset), strict=True)
     return tf.concat(means, axis=0), tf.concat(covariances, axis=0)
 
@@ -282,6 +282,11 @@ def _cached(model, key: tuple, variables: list, build):
     if key not in steps:
         steps[key] = build()
     return steps[key]
+
+
+def _likelihood_key(likelihood: Likelihood) -> Any:
+    """Built-in likelihoods are equal when their reprs are; others only to themselves."""
+    return repr(likelihood) if type(likelihood) in BUILT_IN else likelihood
 
 
 def _model_variables(model: keras.Model, params: Sequence[Any] | None) -> list:
