@@ -568,8 +568,16 @@ def _select_groups(model: keras.Model, subset) -> list[list]:
             f"Unknown subset {subset!r}; valid: {', '.join(SUBSETS)}, or a list of layer names."
         )
     else:
+        if not isinstance(subset, list | tuple) or not all(isinstance(n, str) for n in subset):
+            raise TypeError(
+                f"subset must be {' or '.join(repr(s) for s in SUBSETS)}, or a list of layer "
+                f"names; got {subset!r}."
+            )
         by_name = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
         subset = list(subset)
+        duplicates = sorted({name for name in subset if subset.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"subset names a layer more than once: {duplicates}.")
         missing = [name for name in subset if name not in by_name]
         if missing or not subset:
             raise ValueError(
@@ -593,7 +601,7 @@ def _select_groups(model: keras.Model, subset) -> list[list]:
 
 
 def _prior_mean(value: Any, variables: list) -> list[tf.Tensor]:
-    if np.ndim(value) == 0 and not isinstance(value, list | tuple):
+    if not isinstance(value, list | tuple) and np.ndim(value) == 0:
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"prior_mean must be finite, got {value}.")

@@ -52,15 +52,12 @@ class PriorPrecision:
         structure, parts = _classify(value, groups)
         variables = [v for g in groups for v in g]
         if structure == "scalar":
-            scalar = tf.cast(tf.reshape(parts, []), tf.float64)
+            scalar = tf.reshape(_float64(parts), [])
             return [scalar for _ in variables]
         if structure == "layerwise":
-            per_layer = tf.cast(tf.reshape(parts, [-1]), tf.float64)
+            per_layer = tf.reshape(_float64(parts), [-1])
             return [per_layer[i] for i, g in enumerate(groups) for _ in g]
-        return [
-            tf.reshape(tf.cast(p, tf.float64), v.shape)
-            for p, v in zip(parts, variables, strict=True)
-        ]
+        return [tf.reshape(_float64(p), v.shape) for p, v in zip(parts, variables, strict=True)]
 
     @staticmethod
     def initial_log(prior: PriorPrecision, structure: str, groups: list[list]) -> list[np.ndarray]:
@@ -108,7 +105,7 @@ def _classify(value: Any, groups: list[list]) -> tuple[str, Any]:
         if shaped_like_weights and not one_per_layer:
             return "diag", list(value)
         if one_per_layer:
-            return "layerwise", tf.stack([tf.cast(p, tf.float64) for p in value])
+            return "layerwise", tf.stack([_float64(p) for p in value])
         if shaped_like_weights:
             return "diag", list(value)
         raise ValueError(
@@ -124,6 +121,13 @@ def _classify(value: Any, groups: list[list]) -> tuple[str, Any]:
         f"prior_precision must be a scalar, one value per selected layer ({len(groups)}) or one "
         f"array per selected weight; got shape {np.shape(value)}."
     )
+
+
+def _float64(value: Any) -> tf.Tensor:
+    """``value`` as float64; Python and NumPy numbers are not rounded through float32."""
+    if isinstance(value, tf.Tensor | tf.Variable):
+        return tf.cast(value, tf.float64)
+    return tf.constant(np.asarray(value, dtype=np.float64))
 
 
 def _check_positive(values: np.ndarray) -> np.ndarray:
