@@ -24,11 +24,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from models import CLASSES, mlp_784_256_256_10  # noqa: E402
 
 from laplace_tf.curvature import diagonal, layers, structured  # noqa: E402
 from laplace_tf.likelihoods import get_likelihood  # noqa: E402
 
-N, BATCH, CLASSES = 2048, 256, 10
+N, BATCH = 2048, 256
 METHODS = ("gradient", "ggn", "ggn_mc", "ef", "fallback")
 
 
@@ -36,14 +37,7 @@ def build(name: str):
     rng = np.random.default_rng(0)
     keras.utils.set_random_seed(0)
     if name == "mlp":
-        model = keras.Sequential(
-            [
-                keras.Input((784,)),
-                keras.layers.Dense(256, activation="relu"),
-                keras.layers.Dense(256, activation="relu"),
-                keras.layers.Dense(CLASSES),
-            ]
-        )
+        model = mlp_784_256_256_10()
         x = rng.normal(size=(N, 784)).astype("float32")
     else:
         model = keras.Sequential(

@@ -18,14 +18,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from models import CLASSES, mlp_784_256_256_10  # noqa: E402
 
 from laplace_tf import DiagonalLaplace  # noqa: E402
 from laplace_tf.likelihoods import get_likelihood  # noqa: E402
 
-N_TRAIN, N_TEST, BATCH, CLASSES = 2048, 512, 256, 10
+N_TRAIN, N_TEST, BATCH = 2048, 512, 256
 
 
 def main() -> None:
@@ -34,15 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(CLASSES),
-        ]
-    )
+    model = mlp_784_256_256_10()
     x = rng.normal(size=(N_TRAIN, 784)).astype("float32")
     y = rng.integers(0, CLASSES, size=N_TRAIN)
     x_test = rng.normal(size=(N_TEST, 784)).astype("float32")
