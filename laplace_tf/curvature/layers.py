@@ -68,6 +68,37 @@ class Explicit:
 
 
 @dataclass(frozen=True)
+class Patches:
+    """Convolution kernels: ``g[n, k] = reshape(sum_l p[n, l] (x) d[n, k, l], shape)``.
+
+    ``p: [N, L, Q]`` are the unfolded input patches, ``d: [N, K, L, O]`` the cotangents at
+    the ``L`` output locations. The curvature is reduced one column at a time, so only
+    ``[N, Q, O]`` per-sample gradients exist at once.
+    """
+
+    variable: Any
+    patches: tf.Tensor
+    cotangents: tf.Tensor
+
+    def _column(self, k) -> tf.Tensor:
+        return tf.matmul(self.patches, tf.gather(self.cotangents, k, axis=1), transpose_a=True)
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        def add_column(total, k):
+            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+
+        initial = tf.zeros([self.patches.shape[-1], self.cotangents.shape[-1]], self.patches.dtype)
+        total = tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)
+        return [tf.reshape(total, self.variable.shape)]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        (weight,) = weights
+        grads = tf.einsum("nlq,nklo->nkqo", self.patches, self.cotangents)
+        weight = tf.reshape(weight, [self.patches.shape[-1], self.cotangents.shape[-1]])
+        return tf.einsum("nkqo,nlqo,qo->nkl", grads, grads, weight)
+
+
+@dataclass(frozen=True)
 class Rows:
     """Embedding table gradients: ``g[n, k] = sum_t onehot(ids[n, t]) (x) d[n, k, t]``.
 
@@ -362,16 +393,20 @@ def _patches(layer, inputs):
 
 
 def _conv_factors(layer, inputs, delta):
-    """Per-sample kernel gradients ``sum_l patch_l (x) delta_l``, group by group."""
-    groups = layer.groups
-    group_inputs = layer.kernel.shape[-2]
+    """Kernel gradients from unfolded patches; grouped kernels per group, explicitly."""
     n, columns = tf.shape(delta)[0], tf.shape(delta)[1]
-    patches = _patches(layer, tf.cast(inputs, delta.dtype))
-    patches = tf.reshape(patches, [n, tf.shape(patches)[1], -1, groups, group_inputs])
-    flat_delta = tf.reshape(delta, [n, columns, -1, groups, layer.filters // groups])
-    grads = tf.einsum("nlpgc,nklgo->nkpcgo", patches, flat_delta)
-    grads = tf.reshape(grads, tf.concat([[n, columns], layer.kernel.shape], 0))
-    factors = [Explicit(layer.kernel, grads)]
+    patches = _patches(layer, tf.cast(inputs, delta.dtype))  # [N, L, prod(k) * C_in]
+    locations = tf.shape(patches)[1]
+    if layer.groups == 1:
+        cotangents = tf.reshape(delta, [n, columns, locations, layer.filters])
+        factors = [Patches(layer.kernel, patches, cotangents)]
+    else:
+        groups = layer.groups
+        patches = tf.reshape(patches, [n, locations, -1, groups, layer.kernel.shape[-2]])
+        flat_delta = tf.reshape(delta, [n, columns, locations, groups, layer.filters // groups])
+        grads = tf.einsum("nlpgc,nklgo->nkpcgo", patches, flat_delta)
+        grads = tf.reshape(grads, tf.concat([[n, columns], layer.kernel.shape], 0))
+        factors = [Explicit(layer.kernel, grads)]
     if layer.bias is not None:
         factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
     return factors
