@@ -23,11 +23,19 @@ def probit(mean: tf.Tensor, covariance: tf.Tensor, *, binary: bool = False) -> t
 
 
 def bridge(mean: tf.Tensor, covariance: tf.Tensor) -> tf.Tensor:
-    """Laplace bridge: the mean of the Dirichlet matched to ``N(f, diag Sigma)``.
+    """Laplace bridge: the mean of the Dirichlet matched to ``N(f, Sigma)``.
 
+    First the zero-mean correction (conditioning on ``sum_k g_k = 0``):
+    ``f <- f - Sigma 1 (1^T f) / (1^T Sigma 1)`` and
+    ``Sigma <- Sigma - Sigma 1 1^T Sigma / (1^T Sigma 1)``; then
     ``alpha_k = (1 - 2/C + exp(f_k) / C^2 sum_j exp(-f_j)) / Sigma_kk`` and the
-    probabilities are ``alpha / sum(alpha)`` (Hobbhahn et al., 2022). Needs ``C >= 2``.
+    probabilities are ``alpha / sum(alpha)`` (Hobbhahn et al., 2022; as laplace-torch).
+    Needs ``C >= 2``.
     """
+    row_sums = tf.reduce_sum(covariance, axis=-1)  # Sigma 1
+    total = tf.reduce_sum(row_sums, axis=-1, keepdims=True)  # 1^T Sigma 1
+    mean = mean - row_sums * tf.reduce_sum(mean, axis=-1, keepdims=True) / total
+    covariance = covariance - row_sums[:, :, None] * row_sums[:, None, :] / total[:, :, None]
     classes = tf.cast(tf.shape(mean)[-1], mean.dtype)
     variance = tf.linalg.diag_part(covariance)
     sum_exp = tf.reduce_sum(tf.exp(-mean), axis=-1, keepdims=True)

@@ -82,7 +82,14 @@ def hand_probit(f, var):
     return softmax(f / np.sqrt(1 + math.pi / 8 * var), axis=-1)
 
 
-def hand_bridge(f, var):
+def hand_bridge(f, cov):
+    """Laplace bridge with laplace-torch's zero-mean correction, one example at a time."""
+    f, var = f.copy(), np.empty_like(f)
+    for n in range(len(f)):
+        ones = np.ones(f.shape[1])
+        sigma_one = cov[n] @ ones
+        f[n] = f[n] - sigma_one * (ones @ f[n]) / (ones @ sigma_one)
+        var[n] = np.diag(cov[n] - np.outer(sigma_one, sigma_one) / (ones @ sigma_one))
     c = f.shape[1]
     sum_exp = np.sum(np.exp(-f), axis=-1, keepdims=True)
     alpha = (1 - 2 / c + np.exp(f) / c**2 * sum_exp) / var
@@ -429,7 +436,7 @@ def test_glm_predictive_matches_dense_jacobian(kind, subset):
 
     np.testing.assert_allclose(la.predict(x).numpy(), hand_probit(f, var), rtol=1e-10)
     np.testing.assert_allclose(
-        la.predict(x, link_approx="bridge").numpy(), hand_bridge(f, var), rtol=1e-9
+        la.predict(x, link_approx="bridge").numpy(), hand_bridge(f, cov), rtol=1e-9
     )
     # Monte Carlo: the same draws pushed through the dense covariance
     mc = la.predict(x, link_approx="mc", n_samples=50, seed=4).numpy()
