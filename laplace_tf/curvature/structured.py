@@ -31,6 +31,9 @@ KINDS = ("ggn", "ggn_mc", "ef", "hessian")
 HESSIAN_WARN_PARAMS = 20_000
 #: Up to this many columns of S, backward passes are unrolled (faster on CPU than pfor).
 UNROLLED_COLUMNS = 16
+#: Bound on the cut cotangents kept per example while fitting (columns x cut sizes); above
+#: it the columns of S are processed in chunks, trading a little speed for memory.
+COLUMN_ENTRIES_PER_EXAMPLE = 2**15
 
 
 def diagonal(
@@ -359,6 +362,13 @@ def _loss_columns(likelihood, kind, mc_samples, outputs, y, seed):
     return tf.stack(draws, axis=-1) / math.sqrt(mc_samples)
 
 
+def _column_chunk(sites, count: int) -> int:
+    """Columns of S back-propagated together: all of them unless the cut cotangents of
+    one example would exceed :data:`COLUMN_ENTRIES_PER_EXAMPLE` (large conv feature maps)."""
+    per_column = sum(max(1, site.cut.shape[1:].num_elements() or 1) for site in sites)
+    return max(1, min(count, COLUMN_ENTRIES_PER_EXAMPLE // per_column))
+
+
 def _diagonal_step(model, likelihood, variables, kind, mc_samples):
     @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y, seed):
@@ -367,9 +377,12 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
             outputs = _loss_outputs(raw)
         columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
         totals = {id(v): tf.zeros(v.shape, v.dtype) for v in variables}
-        for factor in _site_factors(tape, raw, sites, columns):
-            for v, square in zip(_factor_variables(factor), factor.sum_squares(), strict=True):
-                totals[id(v)] += tf.cast(square, v.dtype)
+        count, chunk = columns.shape[-1], _column_chunk(sites, columns.shape[-1])
+        for start in range(0, count, chunk):
+            part = columns[:, :, start : start + chunk]
+            for factor in _site_factors(tape, raw, sites, part):
+                for v, square in zip(_factor_variables(factor), factor.sum_squares(), strict=True):
+                    totals[id(v)] += tf.cast(square, v.dtype)
         return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), tf.shape(outputs)
 
     return step
