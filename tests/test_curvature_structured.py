@@ -792,3 +792,25 @@ def test_grouped_convolution_matches_dense_oracle():
     with tf.GradientTape(persistent=True):
         _, sites = tracing.trace(model, tf.constant(x), model.trainable_variables)
     assert [type(s.layer).__name__ for s in sites if s.rule is not None] == ["Conv2D", "Dense"]
+
+
+def test_columns_processed_in_chunks_give_the_same_diagonal(monkeypatch):
+    """Large cut cotangents make the fit back-propagate S's columns a few at a time."""
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(N, 6, 6, 2)), rng.integers(0, 3, size=N)
+
+    def cnn():
+        keras.utils.set_random_seed(3)
+        inp = keras.Input((6, 6, 2))
+        hidden = L.Conv2D(3, 3, padding="same", activation="tanh")(inp)
+        model = keras.Model(inp, L.Dense(3)(L.Flatten()(hidden)))
+        model(x)
+        return model
+
+    expected = dense_ggn_diagonal(cnn(), x, "classification")
+    monkeypatch.setattr(structured, "COLUMN_ENTRIES_PER_EXAMPLE", 1)  # one column per chunk
+    model = cnn()
+    with tf.GradientTape(persistent=True):
+        _, sites = tracing.trace(model, tf.constant(x), model.trainable_variables)
+    assert structured._column_chunk(sites, 3) == 1
+    assert_close(flat(diagonal(model, (x, y), likelihood="classification")), expected)
