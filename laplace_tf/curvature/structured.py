@@ -146,16 +146,15 @@ def fit_diagonal(
         variables,
         lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples),
     )
-    total, nll, count, width = None, 0.0, 0, 0
+    total, nll, count, shape = None, 0.0, 0, None
     for index, (x, y) in enumerate(iterate_batches(data, batch_size=batch_size)):
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
         total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
-        nll += float(batch_nll)
-        count += int(shape[0])
-        width = int(shape[1])
+        nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
+        count += shape[0]
         if progress is not None:
-            progress(count)
-    return CurvatureFit(total, nll, count, width)
+            progress(int(count))
+    return CurvatureFit(total, float(nll), int(count), int(shape[1]))
 
 
 def output_covariance(
