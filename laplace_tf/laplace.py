@@ -17,15 +17,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf import predictive
+from laplace_tf import predictive, tuning
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
 from laplace_tf.curvature.structured import KINDS, fit_diagonal, glm_moments
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
+from laplace_tf.selection import prior_mean_list, select_groups
 
 tfd = tfp.distributions
 
-SUBSETS = ("all", "last_layer")
 PRED_TYPES = ("glm", "nn")
 
 
@@ -89,12 +89,12 @@ class DiagonalLaplace:
         self.likelihood = likelihood
         self.curvature = curvature
         self.subset = subset
-        self._groups = _select_groups(model, subset)
+        self._groups = select_groups(model, subset)
         self.variables = [v for group in self._groups for v in group]
         self.sigma_noise = sigma_noise
         self.temperature = _positive("temperature", temperature)
         self._prior = PriorPrecision.from_value(prior_precision, self._groups)
-        self.prior_mean = _prior_mean(prior_mean, self.variables)
+        self.prior_mean = prior_mean_list(prior_mean, self.variables)
         self._fit: dict[str, Any] | None = None
         self._nn_forward = None
 
@@ -300,92 +300,16 @@ class DiagonalLaplace:
         if method == "marglik":
             if optimize_sigma_noise and self.likelihood != "regression":
                 raise ValueError("optimize_sigma_noise applies to the regression likelihood only.")
-            self._optimize_marglik(prior_structure, optimize_sigma_noise)
+            tuning.optimize_marglik(self, prior_structure, optimize_sigma_noise)
         elif method == "gridsearch":
             if prior_structure != "scalar":
                 raise ValueError("gridsearch tunes a scalar prior precision only.")
             if val_data is None:
                 raise ValueError("gridsearch needs val_data=(x_val, y_val).")
-            self._gridsearch(val_data, grid, metric, pred_type, link_approx)
+            tuning.gridsearch(self, val_data, grid, metric, pred_type, link_approx)
         else:
             raise ValueError(f"Unknown method {method!r}; valid methods are marglik, gridsearch.")
         return self
-
-    def _optimize_marglik(self, structure: str, with_noise: bool) -> None:
-        from scipy.optimize import minimize
-
-        log_prior = PriorPrecision.initial_log(self._prior, structure, self._groups)
-        sizes = [int(np.size(p)) for p in log_prior]
-        start = np.concatenate([np.ravel(p) for p in log_prior])
-        if with_noise:
-            start = np.append(start, math.log(self.sigma_noise))
-
-        def unpack(flat: tf.Tensor):
-            parts = tf.split(flat[: sum(sizes)], sizes)
-            prior = PriorPrecision.from_log(parts, log_prior, structure)
-            sigma = tf.exp(flat[-1]) if with_noise else None
-            return prior, sigma
-
-        def objective(flat: np.ndarray):
-            flat = tf.constant(flat, tf.float64)
-            with tf.GradientTape() as tape:
-                tape.watch(flat)
-                prior, sigma = unpack(flat)
-                value = -self.log_marginal_likelihood(prior, sigma)
-            return float(value), tape.gradient(value, flat).numpy()
-
-        bounds = [(-25.0, 25.0)] * len(start)
-        result = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
-        prior, sigma = unpack(tf.constant(result.x, tf.float64))
-        self._prior = PriorPrecision.from_value(
-            PriorPrecision.to_value(prior, structure), self._groups
-        )
-        if with_noise:
-            self.sigma_noise = float(sigma)
-
-    def _gridsearch(self, val_data, grid, metric, pred_type, link_approx) -> None:
-        x_val, y_val = val_data
-        grid = np.logspace(-4, 4, 21) if grid is None else np.asarray(grid, dtype=float)
-        if grid.ndim != 1 or grid.size == 0 or np.any(~np.isfinite(grid)) or np.any(grid <= 0):
-            raise ValueError("grid must be a non-empty 1-D sequence of positive finite values.")
-        metric = metric or self._predictive_nll
-        original = self._prior
-        scores = []
-        try:
-            for value in grid:
-                self._prior = PriorPrecision.from_value(float(value), self._groups)
-                predictions = self.predict(x_val, pred_type=pred_type, link_approx=link_approx)
-                scores.append(float(metric(predictions, y_val)))
-        finally:
-            self._prior = original
-        scores = np.asarray(scores)
-        if not np.any(np.isfinite(scores)):
-            raise ValueError("every grid value gave a non-finite metric.")
-        best = int(np.nanargmin(np.where(np.isfinite(scores), scores, np.nan)))
-        self._prior = PriorPrecision.from_value(float(grid[best]), self._groups)
-        self.gridsearch_scores_ = dict(zip(grid.tolist(), scores.tolist(), strict=True))
-
-    def _predictive_nll(self, predictions: Any, y: Any) -> float:
-        """Mean negative log predictive density of ``y``."""
-        if self.likelihood == "regression":
-            mean, variance = (np.asarray(a, dtype=float) for a in predictions)
-            y = np.asarray(y, dtype=float).reshape(mean.shape)
-            return float(
-                np.mean(
-                    np.sum(
-                        0.5 * np.log(2 * np.pi * variance) + 0.5 * (y - mean) ** 2 / variance,
-                        axis=-1,
-                    )
-                )
-            )
-        probs = np.asarray(predictions, dtype=float)
-        y = np.asarray(y).reshape(-1)
-        if self.likelihood == "binary":
-            p = probs.reshape(-1)
-            picked = np.where(y == 1, p, 1 - p)
-        else:
-            picked = probs[np.arange(len(y)), y.astype(int)]
-        return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
 
     # -- prediction ------------------------------------------------------------------------
 
@@ -548,74 +472,6 @@ def _as_dtype(value: Any, dtype: tf.DType) -> tf.Tensor:
 
 def _value(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-def _select_groups(model: keras.Model, subset) -> list[list]:
-    """The selected trainable weights, grouped by the layer that owns them."""
-    layers = [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if [v for v in layer._trainable_variables if v.trainable]
-    ]
-    if subset == "all":
-        chosen = layers
-    elif subset == "last_layer":
-        if not layers:
-            raise ValueError("model has no trainable weights.")
-        chosen = [layers[-1]]
-    elif isinstance(subset, str):
-        raise ValueError(
-            f"Unknown subset {subset!r}; valid: {', '.join(SUBSETS)}, or a list of layer names."
-        )
-    else:
-        if not isinstance(subset, list | tuple) or not all(isinstance(n, str) for n in subset):
-            raise TypeError(
-                f"subset must be {' or '.join(repr(s) for s in SUBSETS)}, or a list of layer "
-                f"names; got {subset!r}."
-            )
-        by_name = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
-        subset = list(subset)
-        duplicates = sorted({name for name in subset if subset.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"subset names a layer more than once: {duplicates}.")
-        missing = [name for name in subset if name not in by_name]
-        if missing or not subset:
-            raise ValueError(
-                f"subset names layers the model lacks: {missing}; its layers with weights are "
-                f"{[layer.name for layer in layers if layer is not model]}."
-            )
-        chosen = [by_name[name] for name in subset]
-    groups = []
-    for layer in chosen:
-        variables = (
-            [v for v in layer._trainable_variables if v.trainable]
-            if subset in SUBSETS
-            else list(layer.trainable_variables)
-        )
-        if not variables:
-            raise ValueError(f"layer {layer.name!r} has no trainable weights.")
-        groups.append(variables)
-    if not groups:
-        raise ValueError("model has no trainable weights.")
-    return groups
-
-
-def _prior_mean(value: Any, variables: list) -> list[tf.Tensor]:
-    if not isinstance(value, list | tuple) and np.ndim(value) == 0:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"prior_mean must be finite, got {value}.")
-        return [tf.fill(v.shape, tf.constant(value, v.dtype)) for v in variables]
-    value = list(value)
-    if len(value) != len(variables):
-        raise ValueError(f"prior_mean needs {len(variables)} arrays, got {len(value)}.")
-    means = []
-    for m, v in zip(value, variables, strict=True):
-        m = tf.convert_to_tensor(m, v.dtype)
-        if m.shape != v.shape:
-            raise ValueError(f"prior_mean for {v.path} has shape {m.shape}, expected {v.shape}.")
-        means.append(m)
-    return means
 
 
 def _positive(name: str, value: Any) -> float:

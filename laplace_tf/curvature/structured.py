@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
 from laplace_tf.curvature.hessian import hessian_diagonal
-from laplace_tf.curvature.tracing import trace
+from laplace_tf.curvature.tracing import graph_of, trace
 from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
 
 KINDS = ("ggn", "ggn_mc", "ef", "hessian")
@@ -214,13 +214,11 @@ def is_piecewise_linear(model: keras.Model) -> bool:
     reshaping, ...) with activations among linear / relu / relu6 / leaky_relu and no
     layer called twice. Then ``diag(Hessian) = diag(GGN)`` exactly (almost everywhere).
     """
-    from laplace_tf.curvature.tracing import _graph_of
-
-    graph = _graph_of(model)
+    graph = graph_of(model)
     if graph is None:
         return False
     for layer in graph.layers:
-        if _graph_of(layer) is not None:
+        if graph_of(layer) is not None:
             if not is_piecewise_linear(layer):
                 return False
             continue

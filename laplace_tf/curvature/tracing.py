@@ -78,7 +78,7 @@ def _selected(layer, selected_ids: set[int]) -> list:
     return [v for v in getattr(layer, "trainable_variables", ()) if id(v) in selected_ids]
 
 
-def _graph_of(model) -> Functional | None:
+def graph_of(model) -> Functional | None:
     if isinstance(model, Sequential):
         return model._functional
     if isinstance(model, Functional):
@@ -87,7 +87,7 @@ def _graph_of(model) -> Functional | None:
 
 
 def _run_graph_model(model, args, kwargs, sites, selected_ids):
-    graph = _graph_of(model)
+    graph = graph_of(model)
     if graph is None or len(args) != 1 or kwargs.get("mask") is not None:
         raise _Untraceable
     inputs = graph._standardize_inputs(args[0])
@@ -105,7 +105,7 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
     variables = _selected(layer, selected_ids)
     if not variables:
         return lambda *args, **kwargs: _call(layer, *args, **kwargs)
-    if _graph_of(layer) is not None:
+    if graph_of(layer) is not None:
         return lambda *args, **kwargs: _run_graph_model(layer, args, kwargs, sites, selected_ids)
     rule = rule_for(layer)
 
