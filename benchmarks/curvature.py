@@ -24,10 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from models import CLASSES, mlp_784_256_256_10  # noqa: E402
+from models import CLASSES, gradient_epoch, mlp_784_256_256_10  # noqa: E402
 
 from laplace_tf.curvature import diagonal, layers  # noqa: E402
-from laplace_tf.likelihoods import get_likelihood  # noqa: E402
 
 N, BATCH = 2048, 256
 METHODS = ("gradient", "ggn", "ggn_mc", "ef", "fallback")
@@ -59,20 +58,7 @@ def build(name: str):
 
 def method_runner(model, data, method: str):
     if method == "gradient":
-        likelihood = get_likelihood("classification")
-
-        @tf.function(reduce_retracing=True)
-        def gradient_step(x, y):
-            with tf.GradientTape() as tape:
-                loss = likelihood.nll(model(x, training=False), y)
-            return tape.gradient(loss, model.trainable_variables)
-
-        def run():
-            for x, y in data:
-                grads = gradient_step(x, y)
-            return grads
-
-        return run
+        return gradient_epoch(model, data)
     if method == "fallback":
         # A copy of the model, traced once with the layer rules switched off: its
         # compiled step (cached per model) then always takes the generic path.

@@ -20,10 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from models import CLASSES, mlp_784_256_256_10  # noqa: E402
+from models import CLASSES, gradient_epoch, mlp_784_256_256_10  # noqa: E402
 
 from laplace_tf import DiagonalLaplace  # noqa: E402
-from laplace_tf.likelihoods import get_likelihood  # noqa: E402
 
 N_TRAIN, N_TEST, BATCH = 2048, 512, 256
 
@@ -39,27 +38,15 @@ def main() -> None:
     y = rng.integers(0, CLASSES, size=N_TRAIN)
     x_test = rng.normal(size=(N_TEST, 784)).astype("float32")
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).cache()
-    likelihood = get_likelihood("classification")
-
-    @tf.function(reduce_retracing=True)
-    def gradient_step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = likelihood.nll(model(xb, training=False), yb)
-        return tape.gradient(loss, model.trainable_variables)
 
     @tf.function
     def forward(xb):
         return model(xb, training=False)
 
-    def gradient_epoch():
-        for xb, yb in train:
-            grads = gradient_step(xb, yb)
-        return grads
-
     la = DiagonalLaplace(model, "classification").fit(train)
     x_test_tensor = tf.constant(x_test)
     pairs = {
-        "fit / gradient epoch": (lambda: la.fit(train), gradient_epoch),
+        "fit / gradient epoch": (lambda: la.fit(train), gradient_epoch(model, train)),
         "predict glm / model.predict": (
             lambda: la.predict(x_test, batch_size=N_TEST),
             lambda: model.predict(x_test, batch_size=N_TEST, verbose=0),
