@@ -5,18 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
+
+from laplace_tf._checks import positive_int
 
 DEFAULT_BATCH_SIZE = 256
 
 
 def batched(arrays: Any, batch_size: int) -> tf.data.Dataset:
     """A dataset of batches of ``arrays`` (an array, or a dict / list / tuple of them)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    positive_int("batch_size", batch_size)
     return tf.data.Dataset.from_tensor_slices(_lists_as_tuples(arrays)).batch(batch_size)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from laplace_tf._checks import unwrap_variable
+
 
 def as_param_list(params: Sequence[Any]) -> list:
     """Return ``params`` as a list of ``tf.Variable`` / ``tf.Tensor`` with float dtypes.
@@ -22,8 +24,7 @@ def as_param_list(params: Sequence[Any]) -> list:
         raise ValueError("params is empty: give at least one variable or tensor.")
     normalised = []
     for position, param in enumerate(params):
-        if isinstance(param, keras.Variable):
-            param = param.value
+        param = unwrap_variable(param)
         if not isinstance(param, tf.Variable | tf.Tensor):
             raise TypeError(
                 f"params[{position}] is a {type(param).__name__}; expected a tf.Variable, "

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from laplace_tf import predictive, tuning
+from laplace_tf._checks import positive_float, positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
 from laplace_tf.curvature.structured import KINDS, fit_diagonal, glm_moments
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
@@ -92,7 +92,7 @@ class DiagonalLaplace:
         self._groups = select_groups(model, subset)
         self.variables = [v for group in self._groups for v in group]
         self.sigma_noise = sigma_noise
-        self.temperature = _positive("temperature", temperature)
+        self.temperature = positive_float("temperature", temperature)
         self._prior = PriorPrecision.from_value(prior_precision, self._groups)
         self.prior_mean = prior_mean_list(prior_mean, self.variables)
         self._fit: dict[str, Any] | None = None
@@ -107,7 +107,7 @@ class DiagonalLaplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value: float) -> None:
-        self._sigma_noise = _positive("sigma_noise", value)
+        self._sigma_noise = positive_float("sigma_noise", value)
 
     @property
     def prior_precision(self) -> float | list:
@@ -153,7 +153,7 @@ class DiagonalLaplace:
             "loss": loss,
             "n_data": fitted.n_data,
             "n_outputs": fitted.n_outputs,
-            "mean": [tf.identity(_value(v)) for v in self.variables],
+            "mean": [tf.identity(unwrap_variable(v)) for v in self.variables],
         }
         return self
 
@@ -162,7 +162,7 @@ class DiagonalLaplace:
             return self.sigma_noise
         if isinstance(sigma_noise, tf.Tensor | tf.Variable):
             return sigma_noise
-        return _positive("sigma_noise", sigma_noise)
+        return positive_float("sigma_noise", sigma_noise)
 
     def _fitted(self) -> dict[str, Any]:
         if self._fit is None:
@@ -222,9 +222,8 @@ class DiagonalLaplace:
 
     def sample(self, n: int, *, seed: int | None = None) -> list[tf.Tensor]:
         """``n`` posterior draws: a list of ``[n, *shape]`` tensors. Same seed, same draws."""
-        if not isinstance(n, int | np.integer) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
-        seed = _seed(seed)
+        positive_int("n", n)
+        seed = resolve_seed(seed)
         draws = []
         for index, (m, s) in enumerate(zip(self.mean, self.posterior_stddev, strict=True)):
             noise = tf.random.stateless_normal([n, *m.shape], seed=[seed, index], dtype=m.dtype)
@@ -365,8 +364,8 @@ class DiagonalLaplace:
         return predictive.monte_carlo(
             mean,
             covariance,
-            n_samples=_positive_int("n_samples", n_samples),
-            seed=[_seed(seed), 0],
+            n_samples=positive_int("n_samples", n_samples),
+            seed=[resolve_seed(seed), 0],
             binary=binary,
         )
 
@@ -393,8 +392,8 @@ class DiagonalLaplace:
         """
         self._fitted()
         _check_choice("pred_type", pred_type, PRED_TYPES)
-        n_samples = _positive_int("n_samples", n_samples)
-        seed = _seed(seed)
+        n_samples = positive_int("n_samples", n_samples)
+        seed = resolve_seed(seed)
         if pred_type == "glm":
             mean, covariance = self._glm(x, batch_size)
             jitter = predictive._jitter(covariance) * tf.eye(tf.shape(mean)[-1], dtype=mean.dtype)
@@ -451,12 +450,12 @@ def _sampled_forward(model: keras.Model, variables: list):
         values = []
         for v, i in zip(model.trainable_variables, positions, strict=True):
             if i is None:
-                values.append(_value(v))
+                values.append(unwrap_variable(v))
                 continue
             noise_seed = tf.random.experimental.stateless_fold_in(seed, i)
             noise = tf.random.stateless_normal(v.shape, seed=noise_seed, dtype=v.dtype)
             values.append(mean[i] + stddev[i] * noise)
-        non_trainable = [_value(v) for v in model.non_trainable_variables]
+        non_trainable = [unwrap_variable(v) for v in model.non_trainable_variables]
         outputs, _ = model.stateless_call(values, non_trainable, x, training=False)
         return outputs
 
@@ -470,29 +469,6 @@ def _as_dtype(value: Any, dtype: tf.DType) -> tf.Tensor:
     return tf.constant(value, dtype)
 
 
-def _value(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
-def _positive(name: str, value: Any) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}.")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
 def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
     if value not in valid:
         raise ValueError(f"Unknown {name} {value!r}; valid values are {', '.join(valid)}.")
-
-
-def _seed(seed: int | None) -> int:
-    if seed is None:
-        return int(np.random.SeedSequence().entropy % (2**31))
-    return int(seed)

@@ -15,6 +15,8 @@ import math
 
 import tensorflow as tf
 
+from laplace_tf._checks import positive_float
+
 LIKELIHOODS = ("classification", "binary", "regression")
 
 
@@ -104,10 +106,7 @@ class Regression(Likelihood):
     name = "regression"
 
     def __init__(self, sigma_noise: float = 1.0):
-        sigma_noise = float(sigma_noise)
-        if not math.isfinite(sigma_noise) or sigma_noise <= 0:
-            raise ValueError(f"sigma_noise must be a positive finite number, got {sigma_noise}.")
-        self.sigma_noise = sigma_noise
+        self.sigma_noise = positive_float("sigma_noise", sigma_noise)
 
     def nll(self, f, y):
         y = _as_regression_targets(y, f)

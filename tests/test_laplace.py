@@ -1166,3 +1166,26 @@ def test_nn_predictive_subset_tiny_and_huge_prior(mlp_clf, clf_data):
     np.testing.assert_allclose(tight.predict(x_val).numpy(), map_probs, atol=1e-6)
     for link in ["bridge", "mc"]:
         assert np.all(np.isfinite(tight.predict(x_val, link_approx=link, seed=0).numpy()))
+
+
+def test_black_box_hessian_fit_streams_the_data(float64):
+    """A non-piecewise-linear model with curvature="hessian" consumes batches one at a time
+    (bounded memory): each batch is reported by progress before the next is produced."""
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(12, 3)), rng.integers(0, 2, size=12)
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="tanh"),
+                              keras.layers.Dense(2)])  # fmt: skip
+    events = []
+
+    def batches():
+        for start in range(0, 12, 4):
+            events.append(("produced", start))
+            yield x[start : start + 4], y[start : start + 4]
+
+    la = DiagonalLaplace(model, "classification", curvature="hessian")
+    la.fit(batches(), progress=lambda n: events.append(("done", n)))
+    assert events == [
+        ("produced", 0), ("done", 4), ("produced", 4), ("done", 8), ("produced", 8), ("done", 12)
+    ]  # fmt: skip
+    assert la.n_data == 12

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf._checks import positive_int, resolve_seed
 from laplace_tf._params import as_param_list
 
 #: Bound on the number of Hessian entries (directions x block size) held by one chunk.
@@ -128,11 +129,9 @@ def hutchinson_diagonal(
         The estimate, shaped like ``params`` and in their dtypes.
     """
     params = as_param_list(params)
-    if not _is_count(num_samples):
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    positive_int("num_samples", num_samples)
     _check_chunk_size(chunk_size)
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
+    seed = resolve_seed(seed)
     chunk = min(num_samples, chunk_size or 64)
     probe_products = _compiled(
         ("probes", loss_fn, *params), lambda: _probe_product_fn(loss_fn, params)
@@ -167,13 +166,9 @@ def _compiled(objects: tuple, build):
     return value
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
-
-
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and not _is_count(chunk_size):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    if chunk_size is not None:
+        positive_int("chunk_size", chunk_size)
 
 
 def _chunk_for(size: int, chunk_size: int | None) -> int:

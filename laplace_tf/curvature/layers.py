@@ -26,12 +26,22 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from laplace_tf._checks import unwrap_variable
+
 #: Upper bound on entries of per-example gradients materialised at once by the fallback.
 FALLBACK_CHUNK_ENTRIES = 2**24
 
 
+class _OneVariable:
+    """Factors of one weight expose it as ``variables`` too, like :class:`PerExample`."""
+
+    @property
+    def variables(self) -> list:
+        return [self.variable]
+
+
 @dataclass(frozen=True)
-class Outer:
+class Outer(_OneVariable):
     """``g[n, k] = reshape(a[n] (x) d[n, k], shape)`` with ``a: [N, I]``, ``d: [N, K, J]``."""
 
     variable: Any
@@ -51,7 +61,7 @@ class Outer:
 
 
 @dataclass(frozen=True)
-class Explicit:
+class Explicit(_OneVariable):
     """Per-sample gradients given as a tensor ``[N, K, *shape]`` (small parameters)."""
 
     variable: Any
@@ -68,7 +78,7 @@ class Explicit:
 
 
 @dataclass(frozen=True)
-class Patches:
+class Patches(_OneVariable):
     """Convolution kernels: ``g[n, k] = reshape(sum_l p[n, l] (x) d[n, k, l], shape)``.
 
     ``p: [N, L, Q]`` are the unfolded input patches, ``d: [N, K, L, O]`` the cotangents at
@@ -99,7 +109,7 @@ class Patches:
 
 
 @dataclass(frozen=True)
-class Rows:
+class Rows(_OneVariable):
     """Embedding table gradients: ``g[n, k] = sum_t onehot(ids[n, t]) (x) d[n, k, t]``.
 
     Rows hit several times by one example are summed before squaring.
@@ -160,7 +170,7 @@ class PerExample:
                 lambda t: tf.gather(t, example[None]) if _is_batched(t) else t, self.inputs
             )
             cotangent = tf.gather(tf.gather(self.cotangents, example), pair % columns)[None]
-            sources = [_as_tf_variable(v) for v in self.variables]
+            sources = [unwrap_variable(v) for v in self.variables]
             with tf.GradientTape() as tape:
                 tape.watch(sources)
                 output = self.fn(inputs)
@@ -212,10 +222,6 @@ class PerExample:
 
         initial = tf.zeros([0, columns, columns], self.variables[0].dtype)
         return self._reduce(append, initial, tf.TensorShape([None, None, None]))
-
-
-def _as_tf_variable(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 def _is_batched(value: Any) -> bool:

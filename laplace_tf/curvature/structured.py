@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from laplace_tf._checks import positive_int, resolve_seed
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
 from laplace_tf.curvature.hessian import hessian_diagonal
 from laplace_tf.curvature.tracing import graph_of, trace
@@ -131,14 +131,12 @@ def fit_diagonal(
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown curvature kind {kind!r}; valid kinds are {', '.join(KINDS)}.")
-    if not isinstance(mc_samples, int | np.integer) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    positive_int("mc_samples", mc_samples)
     likelihood = get_likelihood(likelihood, sigma_noise=sigma_noise)
     variables = _model_variables(model, params)
     if kind == "hessian" and not is_piecewise_linear(model):
         return _black_box_hessian(model, data, likelihood, variables, batch_size, progress)
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**31))
+    seed = resolve_seed(seed)
     kind = "ggn" if kind == "hessian" else kind
     step = _cached(
         model,
@@ -378,7 +376,7 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         for start in range(0, count, chunk):
             part = columns[:, :, start : start + chunk]
             for factor in _site_factors(tape, raw, sites, part):
-                for v, square in zip(_factor_variables(factor), factor.sum_squares(), strict=True):
+                for v, square in zip(factor.variables, factor.sum_squares(), strict=True):
                     totals[id(v)] += tf.cast(square, v.dtype)
         return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), tf.shape(outputs)
 
@@ -397,15 +395,11 @@ def _covariance_step(model, variables):
         columns = tf.broadcast_to(eye, [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]])
         covariance = tf.zeros([tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]], raw.dtype)
         for factor in _site_factors(tape, raw, sites, columns):
-            factor_weights = [weights[index[id(v)]] for v in _factor_variables(factor)]
+            factor_weights = [weights[index[id(v)]] for v in factor.variables]
             covariance += tf.cast(factor.weighted_gram(factor_weights), raw.dtype)
         return outputs, tf.cast(covariance, outputs.dtype)
 
     return step
-
-
-def _factor_variables(factor) -> list:
-    return factor.variables if hasattr(factor, "variables") else [factor.variable]
 
 
 def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=None):
@@ -422,14 +416,18 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=
         x, y = batch
         return likelihood.nll(_loss_outputs(model(x, training=False)), y)
 
-    batches = list(iterate_batches(data, batch_size=batch_size))
-    diagonal = hessian_diagonal(batch_loss, variables, data=batches)
-    nll, count, width = 0.0, 0, 0
-    for x, y in batches:
-        outputs = _loss_outputs(model(x, training=False))
-        nll += float(likelihood.nll(outputs, y))
-        count += int(outputs.shape[0])
-        width = int(outputs.shape[1])
-        if progress is not None:
-            progress(count)
-    return CurvatureFit(diagonal, nll, count, width)
+    totals = {"nll": 0.0, "count": 0, "width": 0}
+
+    def streamed():
+        """The batches, one at a time (never the whole dataset), tallying NLL and count."""
+        for x, y in iterate_batches(data, batch_size=batch_size):
+            outputs = _loss_outputs(model(x, training=False))
+            totals["nll"] += float(likelihood.nll(outputs, y))
+            totals["count"] += int(outputs.shape[0])
+            totals["width"] = int(outputs.shape[1])
+            if progress is not None:
+                progress(totals["count"])
+            yield x, y
+
+    diagonal = hessian_diagonal(batch_loss, variables, data=streamed())
+    return CurvatureFit(diagonal, totals["nll"], totals["count"], totals["width"])

@@ -39,7 +39,7 @@ class Site:
         return [
             f
             for f in self.rule.factors(self.layer, self.inputs, cotangents)
-            if id(f.variable) in selected
+            if all(id(v) in selected for v in f.variables)
         ]
 
     def _call_on(self, arguments):
