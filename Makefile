@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo docs lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/curvature_summary.py
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/laplace-tf demo --out demo_output
+
+docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	$(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check laplace_tf tests examples benchmarks
