@@ -9,6 +9,7 @@ so numbers agree on identical weights, data and curvature.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import tensorflow_probability as tfp
 from laplace_tf import predictive, tuning
 from laplace_tf._checks import positive_float, positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
+from laplace_tf._validation import check_finite_inputs, check_output_activation
 from laplace_tf.curvature.structured import KINDS, fit_diagonal, glm_moments
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
@@ -85,6 +87,7 @@ class DiagonalLaplace:
             raise ValueError(
                 f"Unknown curvature {curvature!r}; valid kinds are {', '.join(KINDS)}."
             )
+        check_output_activation(model, get_likelihood(likelihood))
         self.model = model
         self.likelihood = likelihood
         self.curvature = curvature
@@ -145,11 +148,14 @@ class DiagonalLaplace:
             batch_size=batch_size,
             progress=progress,
         )
+        curvature = fitted.diagonal
+        if self.curvature == "hessian":
+            curvature = _clip_negative(curvature)
         loss = fitted.nll
         if self.likelihood == "regression":  # keep half the squared error: nll at unit noise
             loss -= fitted.n_data * fitted.n_outputs * math.log(2 * math.pi) / 2
         self._fit = {
-            "curvature": [tf.constant(h) for h in fitted.diagonal],
+            "curvature": [tf.constant(h) for h in curvature],
             "loss": loss,
             "n_data": fitted.n_data,
             "n_outputs": fitted.n_outputs,
@@ -339,6 +345,7 @@ class DiagonalLaplace:
         self._fitted()
         _check_choice("pred_type", pred_type, PRED_TYPES)
         _check_choice("link_approx", link_approx, predictive.LINK_APPROXIMATIONS)
+        check_finite_inputs(x)
         if pred_type == "nn":
             samples = self.predictive_samples(
                 x, n_samples, pred_type="nn", seed=seed, batch_size=batch_size
@@ -393,6 +400,7 @@ class DiagonalLaplace:
         self._fitted()
         _check_choice("pred_type", pred_type, PRED_TYPES)
         n_samples = positive_int("n_samples", n_samples)
+        check_finite_inputs(x)
         seed = resolve_seed(seed)
         if pred_type == "glm":
             mean, covariance = self._glm(x, batch_size)
@@ -460,6 +468,24 @@ def _sampled_forward(model: keras.Model, variables: list):
         return outputs
 
     return forward
+
+
+def _clip_negative(curvature: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The exact Hessian diagonal of a non-convex loss can be negative; a negative entry
+    would make the posterior precision ``h / T + delta`` negative (or tiny) and its
+    variance meaningless. Such entries are set to zero, with a warning."""
+    negative = sum(int(tf.math.count_nonzero(h < 0)) for h in curvature)
+    if not negative:
+        return curvature
+    lowest = min(float(tf.reduce_min(h)) for h in curvature)
+    total = sum(int(tf.size(h)) for h in curvature)
+    warnings.warn(
+        f"The Hessian diagonal has {negative} negative entries out of {total} (lowest "
+        f"{lowest:.3g}): the loss is not convex there. They are set to 0, so those weights "
+        f"get their prior precision. Consider curvature='ggn', which is never negative.",
+        stacklevel=3,
+    )
+    return [tf.maximum(h, tf.zeros_like(h)) for h in curvature]
 
 
 def _as_dtype(value: Any, dtype: tf.DType) -> tf.Tensor:

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from laplace_tf._checks import positive_int, resolve_seed
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
+from laplace_tf._validation import BatchChecker, check_output_activation
 from laplace_tf.curvature.hessian import hessian_diagonal
 from laplace_tf.curvature.tracing import graph_of, trace
 from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
@@ -134,6 +135,7 @@ def fit_diagonal(
     positive_int("mc_samples", mc_samples)
     likelihood = get_likelihood(likelihood, sigma_noise=sigma_noise)
     variables = _model_variables(model, params)
+    check_output_activation(model, likelihood)
     if kind == "hessian" and not is_piecewise_linear(model):
         return _black_box_hessian(model, data, likelihood, variables, batch_size, progress)
     seed = resolve_seed(seed)
@@ -145,7 +147,7 @@ def fit_diagonal(
         lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples),
     )
     total, nll, count, shape = None, 0.0, 0, None
-    for index, (x, y) in enumerate(iterate_batches(data, batch_size=batch_size)):
+    for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
         total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
         nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
@@ -320,6 +322,14 @@ def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
     return outputs
 
 
+def _checked_batches(model, likelihood, data, batch_size):
+    """The ``(x, y)`` batches of ``data``, each checked (:class:`BatchChecker`) before use."""
+    checker = BatchChecker(model, likelihood)
+    for x, y in iterate_batches(data, batch_size=batch_size):
+        checker(x, y)
+        yield x, y
+
+
 def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]:
     """``[N, K, *cut.shape[1:]]`` cotangents of every site's cut for columns ``[N, C, K]``."""
     cuts = [site.cut for site in sites]
@@ -420,7 +430,7 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=
 
     def streamed():
         """The batches, one at a time (never the whole dataset), tallying NLL and count."""
-        for x, y in iterate_batches(data, batch_size=batch_size):
+        for x, y in _checked_batches(model, likelihood, data, batch_size):
             outputs = _loss_outputs(model(x, training=False))
             totals["nll"] += float(likelihood.nll(outputs, y))
             totals["count"] += int(outputs.shape[0])

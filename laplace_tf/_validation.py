@@ -1,0 +1,215 @@
+"""Early, clear errors for bad data and for models that do not output what a likelihood reads.
+
+A NaN in one input, a label out of range or a softmax output would otherwise give a NaN
+posterior or an obscure TensorFlow trace far from the cause. The checks run per batch
+as one small compiled reduction (no copy of the batch to the host); only when a batch
+fails is it searched, on the host, for the offending index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from laplace_tf.likelihoods import Binary, Classification, Likelihood, Regression
+
+#: Rows of a probe output within this of summing to one are taken for probabilities.
+_PROBABILITY_TOLERANCE = 1e-5
+#: Examples of the first batch run through the model to read its output width.
+_PROBE_EXAMPLES = 8
+
+
+class BatchChecker:
+    """Checks ``(x, y)`` batches against a likelihood and the model's output width
+    (read by :func:`probe_outputs` on the first batch).
+
+    Raises ``ValueError`` naming the batch and the example index in the whole dataset
+    for: NaN / Inf in inputs or targets; labels that are not integers in ``[0, C)``
+    (classification) or not 0 / 1 (binary); targets whose shape does not match the
+    outputs; inputs whose leaves disagree on the number of examples.
+    """
+
+    def __init__(self, model: keras.Model, likelihood: Likelihood):
+        self.model = model
+        self.likelihood = likelihood
+        self.n_outputs: int | None = None
+        self.batch = 0
+        self.offset = 0
+
+    def __call__(self, x: Any, y: tf.Tensor) -> None:
+        leaves = tf.nest.flatten(x)
+        count = _example_count(leaves, self.batch)
+        if self.n_outputs is None:
+            self.n_outputs = probe_outputs(self.model, self.likelihood, x)
+        self._check_shape(y, count)
+        float_leaves = tuple(leaf for leaf in leaves if leaf.dtype.is_floating)
+        summary = _summary(float_leaves, y).numpy()
+        x_finite, y_finite, y_min, y_max, y_integral = summary
+        if not x_finite:
+            self._fail_nonfinite("inputs", float_leaves)
+        if not y_finite:
+            self._fail_nonfinite("targets", (y,))
+        if isinstance(self.likelihood, Classification):
+            if not y_integral or y_min < 0 or y_max >= self.n_outputs:
+                self._fail_labels(y, f"integers in [0, {self.n_outputs})")
+        elif isinstance(self.likelihood, Binary):
+            if not y_integral or y_min < 0 or y_max > 1:
+                self._fail_labels(y, "0 or 1")
+        self.batch += 1
+        self.offset += count
+
+    def _check_shape(self, y: tf.Tensor, count: int) -> None:
+        shape = tuple(y.shape)
+        width = self.n_outputs
+        if isinstance(self.likelihood, Classification | Binary):
+            valid = shape in ((count,), (count, 1))
+            expected = f"[{count}] or [{count}, 1] (one label per example)"
+        elif isinstance(self.likelihood, Regression):
+            valid = shape == (count, width) or (width == 1 and shape == (count,))
+            expected = f"[{count}, {width}]" + (f" or [{count}]" if width == 1 else "")
+        else:
+            valid = bool(shape) and shape[0] == count
+            expected = f"[{count}, ...]"
+        if not valid:
+            raise ValueError(
+                f"targets of batch {self.batch} have shape {list(shape)}, but the model gives "
+                f"{width} output(s) per example for {count} examples: expected {expected}."
+            )
+
+    def _fail_nonfinite(self, what: str, leaves: tuple) -> None:
+        for leaf in leaves:
+            values = np.asarray(leaf)
+            bad = np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1))
+            if bad.size:
+                raise ValueError(
+                    f"{what} contain NaN or Inf: batch {self.batch}, example {int(bad[0])} "
+                    f"(index {self.offset + int(bad[0])} in the data); {bad.size} example(s) of "
+                    f"this batch are affected."
+                )
+        raise AssertionError("unreachable: a non-finite value was reported but not found")
+
+    def _fail_labels(self, y: tf.Tensor, expected: str) -> None:
+        labels = np.asarray(y).reshape(-1)
+        upper = self.n_outputs if isinstance(self.likelihood, Classification) else 2
+        bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels >= upper))
+        first = int(bad[0])
+        raise ValueError(
+            f"labels must be {expected} for the {self.likelihood.name} likelihood; batch "
+            f"{self.batch}, example {first} (index {self.offset + first} in the data) has "
+            f"label {labels[first]!r}; {bad.size} label(s) of this batch are invalid."
+        )
+
+
+def _example_count(leaves: list[tf.Tensor], batch: int) -> int:
+    counts = {int(leaf.shape[0]) for leaf in leaves if leaf.shape.rank}
+    if len(counts) != 1:
+        raise ValueError(
+            f"the inputs of batch {batch} disagree on the number of examples: "
+            f"{sorted(counts) or 'scalars only'}."
+        )
+    return counts.pop()
+
+
+@tf.function(reduce_retracing=True, autograph=False)
+def _summary(float_leaves: tuple, y: tf.Tensor) -> tf.Tensor:
+    """``[inputs finite, targets finite, min label, max label, labels integral]``."""
+    x_finite = tf.constant(True)
+    for leaf in float_leaves:
+        x_finite = tf.logical_and(x_finite, tf.reduce_all(tf.math.is_finite(leaf)))
+    if y.dtype.is_floating:
+        labels = tf.cast(y, tf.float64)
+        y_finite = tf.reduce_all(tf.math.is_finite(labels))
+        integral = tf.reduce_all(tf.equal(labels, tf.round(labels)))
+    else:
+        labels = tf.cast(y, tf.float64)
+        y_finite, integral = tf.constant(True), tf.constant(True)
+    empty = tf.equal(tf.size(labels), 0)
+    zero = tf.constant(0.0, tf.float64)
+    low = tf.where(empty, zero, tf.reduce_min(labels))
+    high = tf.where(empty, zero, tf.reduce_max(labels))
+    flags = tf.cast(tf.stack([x_finite, y_finite]), tf.float64)
+    return tf.concat([flags, [low, high], [tf.cast(integral, tf.float64)]], axis=0)
+
+
+def check_finite_inputs(x: Any) -> None:
+    """Refuse inputs (for prediction) that hold NaN or Inf, naming the first example."""
+    for leaf in tf.nest.flatten(x):
+        values = tf.convert_to_tensor(leaf)
+        if values.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(values))):
+            rows = np.asarray(values).reshape(values.shape[0], -1) if values.shape.rank else None
+            where = (
+                f": example {int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])}"
+                if rows is not None
+                else ""
+            )
+            raise ValueError(f"inputs contain NaN or Inf{where}.")
+
+
+def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> int:
+    """The model's output width, read from its first few examples, after refusing
+    outputs that are already probabilities where the likelihood expects logits."""
+    head = tf.nest.map_structure(lambda t: t[:_PROBE_EXAMPLES], x)
+    outputs = model(head, training=False)
+    if isinstance(outputs, list | tuple | dict):
+        shapes = [tuple(o.shape) for o in tf.nest.flatten(outputs)]
+        raise ValueError(f"the model must have one output of shape [N, C]; it has {shapes}.")
+    if outputs.shape.rank != 2:
+        raise ValueError(
+            f"the model output must have shape [N, C]; got rank {outputs.shape.rank} "
+            f"({outputs.shape})."
+        )
+    width = int(outputs.shape[1])
+    if isinstance(likelihood, Classification) and width > 1:
+        probs = tf.cast(outputs, tf.float64)
+        sums_to_one = tf.reduce_all(tf.abs(tf.reduce_sum(probs, -1) - 1) < _PROBABILITY_TOLERANCE)
+        in_range = tf.reduce_all((probs >= 0) & (probs <= 1))
+        if bool(sums_to_one & in_range):
+            raise ValueError(_LOGITS_MESSAGE.format(what="its outputs are probabilities"))
+    return width
+
+
+def check_output_activation(model: keras.Model, likelihood: Likelihood) -> None:
+    """Refuse a Functional / Sequential model whose last layer applies softmax (or sigmoid
+    for ``"binary"``): the likelihoods read logits. Subclassed models are caught by
+    :func:`probe_outputs` when their rows sum to one."""
+    squash = {
+        Classification: (keras.activations.softmax, keras.layers.Softmax, "softmax"),
+        Binary: (keras.activations.sigmoid, None, "sigmoid"),
+    }.get(type(likelihood))
+    if squash is None:
+        return
+    activation, layer_type, name = squash
+    layer = _output_layer(model)
+    if layer is None:
+        return
+    if (layer_type is not None and isinstance(layer, layer_type)) or getattr(
+        layer, "activation", None
+    ) is activation:
+        raise ValueError(
+            _LOGITS_MESSAGE.format(what=f"its last layer {layer.name!r} applies {name}")
+        )
+
+
+def _output_layer(model: keras.Model) -> Any:
+    """The layer that produces a Functional / Sequential model's output (recursing into
+    nested models); ``None`` when it cannot be seen."""
+    try:
+        history = model.outputs[0]._keras_history
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    layer = history.operation
+    if isinstance(layer, keras.Model):
+        return _output_layer(layer)
+    return layer
+
+
+_LOGITS_MESSAGE = (
+    "The likelihood expects logits (unnormalised outputs), but {what}. The curvature and the "
+    "predictive apply the link themselves, so a softmax / sigmoid output would be applied "
+    "twice. Use a model without the final activation, e.g. clone it and set the last "
+    "layer's activation to None (`keras.activations.linear`), or build "
+    "`keras.Model(model.inputs, pre_activation_tensor)`."
+)
