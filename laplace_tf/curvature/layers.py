@@ -453,6 +453,7 @@ def _affine_factors(normalised, delta, gamma, beta, broadcast_shape):
 
 
 def _layer_norm_factors(layer, inputs, delta):
+    inputs = tf.cast(inputs, delta.dtype)
     rank = inputs.shape.rank
     axes = [a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)]
     normalised = ops.layer_normalization(

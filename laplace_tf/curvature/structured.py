@@ -149,12 +149,14 @@ def fit_diagonal(
     total, nll, count, shape = None, 0.0, 0, None
     for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
+        parts = [tf.cast(p, tf.float64) for p in parts]  # summed over batches in float64
         total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
         nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
         count += shape[0]
         if progress is not None:
             progress(int(count))
-    return CurvatureFit(total, float(nll), int(count), int(shape[1]))
+    diagonal = [tf.cast(t, v.dtype) for t, v in zip(total, variables, strict=True)]
+    return CurvatureFit(diagonal, float(nll), int(count), int(shape[1]))
 
 
 def output_covariance(
@@ -310,6 +312,11 @@ def _model_variables(model: keras.Model, params: Sequence[Any] | None) -> list:
     return selected
 
 
+def _accumulation_dtype(dtype: tf.DType) -> tf.DType:
+    """Half-precision cotangents (mixed precision) are reduced in float32."""
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
 def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
     """Model outputs as used by the likelihood: rank 2 and at least float32."""
     if outputs.shape.rank != 2:
@@ -317,9 +324,7 @@ def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
             f"the model output must have shape [N, C]; got rank {outputs.shape.rank} "
             f"({outputs.shape})."
         )
-    if outputs.dtype in (tf.float16, tf.bfloat16):
-        return tf.cast(outputs, tf.float32)
-    return outputs
+    return tf.cast(outputs, _accumulation_dtype(outputs.dtype))
 
 
 def _checked_batches(model, likelihood, data, batch_size):
@@ -337,7 +342,7 @@ def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]
 
     def backward(column):
         grads = tape.gradient(outputs, cuts, output_gradients=column, unconnected_gradients="zero")
-        return [tf.cast(g, c.dtype) for g, c in zip(grads, cuts, strict=True)]
+        return [tf.cast(g, _accumulation_dtype(c.dtype)) for g, c in zip(grads, cuts, strict=True)]
 
     count = columns.shape[0]
     if count is not None and count <= UNROLLED_COLUMNS:
@@ -403,11 +408,12 @@ def _covariance_step(model, variables):
             outputs = _loss_outputs(raw)
         eye = tf.eye(tf.shape(raw)[1], dtype=raw.dtype)
         columns = tf.broadcast_to(eye, [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]])
-        covariance = tf.zeros([tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]], raw.dtype)
+        shape = [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]]
+        covariance = tf.zeros(shape, outputs.dtype)
         for factor in _site_factors(tape, raw, sites, columns):
             factor_weights = [weights[index[id(v)]] for v in factor.variables]
-            covariance += tf.cast(factor.weighted_gram(factor_weights), raw.dtype)
-        return outputs, tf.cast(covariance, outputs.dtype)
+            covariance += tf.cast(factor.weighted_gram(factor_weights), outputs.dtype)
+        return outputs, covariance
 
     return step
 

@@ -10,12 +10,13 @@ outputs), is recorded as one fallback site covering the whole model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.backend import get_keras_mask, set_keras_mask
+from keras.src.backend import AutocastScope, get_keras_mask, set_keras_mask
 from keras.src.models.functional import Functional
 from keras.src.models.sequential import Sequential
 
@@ -100,6 +101,14 @@ def _run_graph_model(model, args, kwargs, sites, selected_ids):
     return outputs[0]
 
 
+def _autocast(layer):
+    """The autocast scope Keras enters when it calls ``layer`` (mixed precision: the
+    float32 weights are read in the layer's float16 / bfloat16 compute dtype)."""
+    if layer.autocast and layer.compute_dtype != layer.variable_dtype:
+        return AutocastScope(layer.compute_dtype)
+    return contextlib.nullcontext()
+
+
 def _recording(layer, sites: list[Site], selected_ids: set[int]):
     """The callable that replaces ``layer`` in the traced forward pass."""
     variables = _selected(layer, selected_ids)
@@ -113,7 +122,8 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
         tensor_kwargs = [k for k, v in kwargs.items() if v is not None and k != "training"]
         if rule is not None and len(args) == 1 and not tensor_kwargs:
             (inputs,) = args
-            cut, outputs = rule.forward(layer, inputs)
+            with _autocast(layer):
+                cut, outputs = rule.forward(layer, inputs)
             _propagate_mask(layer, inputs, outputs)
             sites.append(Site(layer, rule, inputs, cut, variables))
             return outputs
