@@ -9,6 +9,7 @@ so numbers agree on identical weights, data and curvature.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -315,6 +316,29 @@ class DiagonalLaplace:
         else:
             raise ValueError(f"Unknown method {method!r}; valid methods are marglik, gridsearch.")
         return self
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted posterior to ``path`` (one ``.npz`` file, replaced atomically).
+
+        The model is not included: save it with ``model.save``. See
+        :mod:`laplace_tf.serialization` for the format.
+        """
+        from laplace_tf import serialization
+
+        serialization.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: keras.Model) -> DiagonalLaplace:
+        """Read a posterior written by :meth:`save` and attach it to ``model``.
+
+        ``model`` must have the architecture and weights it was fitted on; it is not
+        modified.
+        """
+        from laplace_tf import serialization
+
+        return serialization.load(path, model)
 
     # -- prediction ------------------------------------------------------------------------
 

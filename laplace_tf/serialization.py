@@ -1,0 +1,379 @@
+"""Saving and loading a fitted :class:`~laplace_tf.DiagonalLaplace`.
+
+The model itself is not stored: save it with Keras (``model.save("model.keras")``) and
+give it back to :func:`load`, which checks that it is the model the posterior was
+fitted on.
+
+File format (version 1)
+-----------------------
+One uncompressed NumPy ``.npz`` archive, written by :func:`numpy.savez` and read with
+``allow_pickle=False``. The path is used exactly as given (no ``.npz`` is appended).
+With ``k`` the number of selected weights (``la.variables``), it holds:
+
+- ``curvature_0`` ... ``curvature_{k-1}``: the curvature diagonal ``h`` of the summed NLL
+  (at unit noise for regression), shaped like the weight, in the weight's dtype;
+- ``mean_0`` ... ``mean_{k-1}``: the MAP weights captured by ``fit``;
+- ``prior_precision_0`` ... (float64, shaped like the weights): only for a per-weight
+  ("diag") prior precision;
+- ``prior_mean_0`` ...: only when the prior mean is not one constant;
+- ``metadata``: a 0-d unicode array holding a JSON object with the keys
+
+  - ``format``: ``"laplace_tf.DiagonalLaplace"``; ``version``: ``1`` (a reader refuses a
+    newer version); ``library_version``: the laplace_tf version that wrote the file;
+  - ``likelihood``, ``curvature``, ``subset`` (``"all"``, ``"last_layer"`` or a list of
+    layer names), ``temperature``, ``sigma_noise``: the configuration;
+  - ``prior_precision``: ``{"structure": "scalar", "value": float}``,
+    ``{"structure": "layerwise", "value": [float, ...]}`` or ``{"structure": "diag"}``;
+  - ``prior_mean``: ``{"structure": "constant", "value": float}`` or
+    ``{"structure": "arrays"}``;
+  - ``fit``: ``{"n_data": int, "n_outputs": int, "loss": float}``, ``loss`` being the MAP
+    NLL as a float64 (for regression half the squared error: the NLL at unit noise
+    without its constant);
+  - ``weights``: ``[{"name": path, "shape": [int, ...], "dtype": str}, ...]``, the
+    selected weights in order;
+  - ``fingerprint``: ``{"architecture": hex, "weights": hex}``, sha256 digests of the
+    model (:func:`architecture_fingerprint`, :func:`weights_fingerprint`);
+  - ``checksum``: sha256 hex digest over the other arrays in name order.
+
+Array digests (``checksum`` and the weights fingerprint) feed, per array, the UTF-8 JSON
+``[name, dtype.str, shape]`` (``name`` is ``""`` for model weights) and then the array's
+C-order bytes. Together with the zip CRC-32 of every member this detects damage to any
+content; bytes that the zip reader ignores (timestamps, local copies of sizes) may change
+without effect. Floats are written by Python's ``repr``, which round-trips exactly, so a
+loaded posterior gives bitwise the same precisions, predictions, samples and marginal
+likelihood as the one saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import laplace_tf
+from laplace_tf.laplace import DiagonalLaplace
+from laplace_tf.likelihoods import LIKELIHOODS
+
+FORMAT = "laplace_tf.DiagonalLaplace"
+VERSION = 1
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def save(la: DiagonalLaplace, path: str | os.PathLike) -> None:
+    """Write the fitted ``la`` to ``path`` (one ``.npz`` file, replaced atomically).
+
+    The archive is written to a temporary file in the same directory, flushed to disk
+    and renamed onto ``path``; on any failure the temporary file is removed and a file
+    already at ``path`` is left as it was.
+
+    Raises
+    ------
+    RuntimeError
+        If ``la`` is not fitted.
+    TypeError
+        If its likelihood is not one of the built-in names.
+    """
+    fit = la._fitted()
+    if not isinstance(la.likelihood, str) or la.likelihood not in LIKELIHOODS:
+        raise TypeError(
+            f"Only the built-in likelihoods ({', '.join(LIKELIHOODS)}) can be saved; this "
+            f"DiagonalLaplace uses {la.likelihood!r}."
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, (h, m) in enumerate(zip(fit["curvature"], fit["mean"], strict=True)):
+        arrays[f"curvature_{i}"] = h.numpy()
+        arrays[f"mean_{i}"] = m.numpy()
+    prior = la._prior
+    if prior.structure == "diag":
+        arrays.update({f"prior_precision_{i}": np.asarray(p) for i, p in enumerate(prior.values)})
+        prior_precision = {"structure": "diag"}
+    else:
+        prior_precision = {"structure": prior.structure, "value": prior.values}
+    prior_mean = [m.numpy() for m in la.prior_mean]
+    constant = _constant_value(prior_mean)
+    if constant is None:
+        arrays.update({f"prior_mean_{i}": m for i, m in enumerate(prior_mean)})
+        prior_mean_entry = {"structure": "arrays"}
+    else:
+        prior_mean_entry = {"structure": "constant", "value": constant}
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "library_version": laplace_tf.__version__,
+        "likelihood": la.likelihood,
+        "curvature": la.curvature,
+        "subset": la.subset if isinstance(la.subset, str) else list(la.subset),
+        "temperature": la.temperature,
+        "sigma_noise": la.sigma_noise,
+        "prior_precision": prior_precision,
+        "prior_mean": prior_mean_entry,
+        "fit": {
+            "n_data": int(fit["n_data"]),
+            "n_outputs": int(fit["n_outputs"]),
+            "loss": float(fit["loss"]),
+        },
+        "weights": _describe(la.variables),
+        "fingerprint": {
+            "architecture": architecture_fingerprint(la.model),
+            "weights": weights_fingerprint(la.model),
+        },
+        "checksum": _checksum(arrays),
+    }
+    _write_atomically(os.fspath(path), {"metadata": np.array(json.dumps(metadata)), **arrays})
+
+
+def load(path: str | os.PathLike, model: keras.Model) -> DiagonalLaplace:
+    """Read a :class:`DiagonalLaplace` written by :func:`save`, attached to ``model``.
+
+    ``model`` must have the architecture and the weights the posterior was fitted on
+    (e.g. the model saved with ``model.save`` and reloaded with
+    ``keras.models.load_model``). It is not modified.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    ValueError
+        If the file is not a laplace_tf file, comes from a newer format version, is
+        corrupted or truncated, or if ``model`` differs from the fitted one in
+        architecture, weights or selected weights.
+    """
+    path = os.fspath(path)
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} is not a file.")
+    metadata, arrays = _read(path)
+    try:
+        _check_model(path, model, metadata["fingerprint"])
+        return _restore(model, metadata, arrays)
+    except (KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"{path!r} has malformed metadata ({error!r}).") from error
+
+
+def _check_model(path: str, model: keras.Model, fingerprint: dict[str, str]) -> None:
+    """Refuse a model whose architecture or weights differ from the fitted one."""
+    if architecture_fingerprint(model) != fingerprint["architecture"]:
+        raise ValueError(
+            f"{path!r} was fitted on a model with a different architecture (layers, "
+            "configuration, layer names or weight shapes differ). Load it with the model "
+            "it was fitted on, e.g. one saved with model.save() and reloaded with "
+            "keras.models.load_model()."
+        )
+    if weights_fingerprint(model) != fingerprint["weights"]:
+        raise ValueError(
+            f"model has different weights than the model {path!r} was fitted on: the "
+            "posterior mean would not be the model's weights and its predictions would mix "
+            "two networks. Restore the fitted weights, or fit a new DiagonalLaplace."
+        )
+
+
+def architecture_fingerprint(model: keras.Model) -> str:
+    """sha256 of a canonical JSON description of ``model``'s architecture.
+
+    The description holds the model's class, ``model.get_config()`` (``None`` for a
+    subclassed model that cannot give one), the class and name of every nested layer,
+    and the path, shape and dtype of every weight. Layer names are part of it.
+    """
+    try:
+        config = model.get_config()
+    except NotImplementedError:
+        config = None
+    description = {
+        "class": _qualified_name(type(model)),
+        "config": config,
+        "layers": [
+            [_qualified_name(type(layer)), layer.name]
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        ],
+        "weights": _describe(model.weights),
+    }
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 over all of ``model.weights`` (trainable and not), in order: each weight's
+    shape, dtype and bytes."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        _hash_array(digest, "", np.asarray(variable.numpy()))
+    return digest.hexdigest()
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The metadata and the arrays of a laplace_tf file, checked for format and corruption."""
+    with open(path, "rb") as file:
+        magic = file.read(len(_ZIP_MAGIC))
+    if magic != _ZIP_MAGIC:
+        raise ValueError(
+            f"{path!r} is not a laplace_tf file (not an .npz archive); write one with "
+            "DiagonalLaplace.save()."
+        )
+    corrupted = (
+        f"{path!r} is corrupted or truncated; save the DiagonalLaplace again (or use a "
+        "backup copy)."
+    )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            contents = {name: archive[name] for name in archive.files}
+    except Exception as error:  # damaged zip and .npy headers fail in many ways
+        raise ValueError(corrupted) from error
+    metadata = _parse_metadata(path, contents.pop("metadata", None))
+    if metadata.get("checksum") != _checksum(contents):
+        raise ValueError(corrupted)
+    return metadata, contents
+
+
+def _parse_metadata(path: str, entry: np.ndarray | None) -> dict[str, Any]:
+    not_ours = (
+        f"{path!r} is not a laplace_tf file (no {FORMAT} metadata); write one with "
+        "DiagonalLaplace.save()."
+    )
+    if entry is None or entry.shape != () or entry.dtype.kind != "U":
+        raise ValueError(not_ours)
+    try:
+        metadata = json.loads(entry.item())
+    except ValueError as error:
+        raise ValueError(not_ours) from error
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(not_ours)
+    version = metadata.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path!r} has an invalid format version {version!r}.")
+    if version > VERSION:
+        raise ValueError(
+            f"{path!r} was written in format version {version} by laplace_tf "
+            f"{metadata.get('library_version')}; this laplace_tf ({laplace_tf.__version__}) "
+            f"reads version {VERSION} and older: upgrade laplace_tf to load it."
+        )
+    return metadata
+
+
+def _restore(
+    model: keras.Model, metadata: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> DiagonalLaplace:
+    """A DiagonalLaplace on ``model`` with the configuration and fitted state of a file."""
+    count = len(metadata["weights"])
+    prior = metadata["prior_precision"]
+    if prior["structure"] == "diag":
+        prior_precision = [arrays[f"prior_precision_{i}"] for i in range(count)]
+    else:
+        prior_precision = prior["value"]
+    mean = metadata["prior_mean"]
+    if mean["structure"] == "constant":
+        prior_mean = mean["value"]
+    else:
+        prior_mean = [arrays[f"prior_mean_{i}"] for i in range(count)]
+    la = DiagonalLaplace(
+        model,
+        metadata["likelihood"],
+        curvature=metadata["curvature"],
+        subset=metadata["subset"],
+        prior_precision=prior_precision,
+        prior_mean=prior_mean,
+        sigma_noise=metadata["sigma_noise"],
+        temperature=metadata["temperature"],
+    )
+    if _describe(la.variables) != metadata["weights"]:
+        raise ValueError(
+            f"the selected weights differ from the fitted ones: file has "
+            f"{metadata['weights']}, model gives {_describe(la.variables)}."
+        )
+    curvature = [arrays[f"curvature_{i}"] for i in range(count)]
+    weights_mean = [arrays[f"mean_{i}"] for i in range(count)]
+    for v, h, m in zip(la.variables, curvature, weights_mean, strict=True):
+        if h.shape != tuple(v.shape) or m.shape != tuple(v.shape) or m.dtype != v.dtype:
+            raise ValueError(f"the stored arrays for {v.path} do not match its shape or dtype.")
+    fit = metadata["fit"]
+    la._fit = {
+        "curvature": [tf.constant(h) for h in curvature],
+        "loss": float(fit["loss"]),
+        "n_data": int(fit["n_data"]),
+        "n_outputs": int(fit["n_outputs"]),
+        "mean": [tf.constant(m) for m in weights_mean],
+    }
+    return la
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to a temporary file beside ``path``, fsync, then rename onto ``path``.
+
+    The temporary file is opened with ``open(..., "xb")`` so that it gets the usual
+    permissions (``0o666`` less the umask); ``tempfile`` would create it private.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _describe(variables: list) -> list[dict[str, Any]]:
+    return [
+        {"name": v.path, "shape": [int(d) for d in v.shape], "dtype": str(v.dtype)}
+        for v in variables
+    ]
+
+
+def _constant_value(arrays: list[np.ndarray]) -> float | None:
+    """The float every array holds (bitwise, in its own dtype), or ``None``."""
+    if not arrays or arrays[0].size == 0:
+        return None
+    value = float(arrays[0].flat[0])
+    for array in arrays:
+        if np.full(array.shape, value, dtype=array.dtype).tobytes() != array.tobytes():
+            return None
+    return value
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        _hash_array(digest, name, arrays[name])
+    return digest.hexdigest()
+
+
+def _hash_array(digest: Any, name: str, array: np.ndarray) -> None:
+    header = json.dumps([name, array.dtype.str, list(array.shape)])
+    digest.update(header.encode("utf-8"))
+    digest.update(np.ascontiguousarray(array).tobytes())
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for objects a Keras config may hold: arrays as lists, anything else by class."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return _qualified_name(type(value))
