@@ -23,6 +23,7 @@ import tensorflow as tf
 from laplace_tf._checks import positive_int, resolve_seed
 from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
 from laplace_tf._validation import BatchChecker, check_output_activation
+from laplace_tf.curvature.distributed import replicated, strategy_of
 from laplace_tf.curvature.hessian import hessian_diagonal
 from laplace_tf.curvature.tracing import graph_of, trace
 from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
@@ -144,7 +145,7 @@ def fit_diagonal(
         model,
         ("diagonal", _likelihood_key(likelihood), kind, mc_samples),
         variables,
-        lambda: _diagonal_step(model, likelihood, variables, kind, mc_samples),
+        lambda: _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples)),
     )
     total, nll, count, shape = None, 0.0, 0, None
     for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
@@ -396,6 +397,12 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), tf.shape(outputs)
 
     return step
+
+
+def _replicated(model, step):
+    """``step`` spread over the model's replicas when it was built under a strategy."""
+    strategy = strategy_of(model)
+    return step if strategy is None else replicated(strategy, step)
 
 
 def _covariance_step(model, variables):
