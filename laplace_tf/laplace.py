@@ -139,6 +139,14 @@ class DiagonalLaplace:
         is stored at unit noise and rescaled by ``sigma_noise``, so the noise can be
         tuned later. Returns ``self``. A failure leaves both the model and any previous
         fit untouched.
+
+        Every batch is checked before use: NaN / Inf in inputs or targets, labels that
+        are not integers in ``[0, C)`` (classification) or not 0 / 1 (binary), and
+        targets whose shape does not match the outputs raise ``ValueError`` naming the
+        batch and the example's index in the data. With ``curvature="hessian"`` on a
+        non-convex loss, negative diagonal entries are set to 0 with a warning (the
+        posterior precision never drops below the prior's). A model built under a
+        ``tf.distribute`` strategy is fitted across its replicas.
         """
         fitted = fit_diagonal(
             self.model,
