@@ -39,7 +39,9 @@ class DiagonalLaplace:
     ----------
     model : keras.Model
         A trained, built model with one output ``[N, C]`` (logits, one logit for
-        ``"binary"``, or the mean for ``"regression"``). It is never modified.
+        ``"binary"``, or the mean for ``"regression"``). It is never modified. A model
+        whose last layer applies softmax (sigmoid for ``"binary"``) is refused: the
+        likelihoods apply the link themselves and need the logits.
     likelihood : {"classification", "binary", "regression"}
     curvature : {"ggn", "ggn_mc", "ef", "hessian"}
         Curvature kind, see :func:`laplace_tf.curvature.diagonal`.
