@@ -1,0 +1,16 @@
+"""Shared test set-up."""
+
+from __future__ import annotations
+
+import pytest
+from keras.src.backend.common import global_state
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dtype_policy():
+    """Keras derives its default dtype policy from ``floatx`` on first use and then keeps
+    it, so a later ``set_floatx`` (the float64 modules) would be ignored, and a policy
+    set by one module would leak into the next. Clear it around every module."""
+    global_state.set_global_attribute("dtype_policy", None)
+    yield
+    global_state.set_global_attribute("dtype_policy", None)
