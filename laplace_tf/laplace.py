@@ -132,6 +132,7 @@ class DiagonalLaplace:
         *,
         progress: Callable[[int], None] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        seed: int | None = None,
     ) -> DiagonalLaplace:
         """Compute the curvature over ``data`` (one pass) and the MAP log-likelihood.
 
@@ -139,8 +140,9 @@ class DiagonalLaplace:
         arrays (batched by ``batch_size``). ``progress(n)``, if given, is called after
         each batch with the number of examples processed. For regression the curvature
         is stored at unit noise and rescaled by ``sigma_noise``, so the noise can be
-        tuned later. Returns ``self``. A failure leaves both the model and any previous
-        fit untouched.
+        tuned later. ``seed`` fixes the pseudo-labels of ``curvature="ggn_mc"`` (same
+        seed, same fit; ``None`` draws a fresh one). Returns ``self``. A failure leaves
+        both the model and any previous fit untouched.
 
         Every batch is checked before use: NaN / Inf in inputs or targets, labels that
         are not integers in ``[0, C)`` (classification) or not 0 / 1 (binary), and
@@ -158,6 +160,7 @@ class DiagonalLaplace:
             params=self.variables,
             batch_size=batch_size,
             progress=progress,
+            seed=seed,
         )
         curvature = fitted.diagonal
         if self.curvature == "hessian":

@@ -230,3 +230,16 @@ def test_negative_hessian_entries_are_clipped_with_a_warning(data):
         np.testing.assert_allclose(p, np.maximum(h.numpy(), 0) + 0.5, rtol=1e-6)
         assert np.all(p.numpy() >= 0.5)
     assert all(np.all(np.isfinite(s)) for s in la.posterior_stddev)
+
+
+def test_monte_carlo_fit_is_reproducible_with_a_seed(data):
+    x, y = data
+    model = mlp()
+    fits = [
+        DiagonalLaplace(model, "classification", curvature="ggn_mc").fit((x, y), seed=seed)
+        for seed in (5, 5, 6)
+    ]
+    same, again, other = ([p.numpy() for p in la.posterior_precision] for la in fits)
+    for a, b in zip(same, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, c) for a, c in zip(same, other, strict=True))

@@ -425,6 +425,17 @@ def _covariance_step(model, variables):
     return step
 
 
+def _batch_loss(model, likelihood):
+    """One batch's NLL; one function per model and likelihood, so that the compiled
+    Hessian-vector products of :func:`hessian_diagonal` are reused across fits."""
+
+    def batch_loss(batch):
+        x, y = batch
+        return likelihood.nll(_loss_outputs(model(x, training=False)), y)
+
+    return batch_loss
+
+
 def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=None):
     size = sum(v.shape.num_elements() for v in variables)
     if size > HESSIAN_WARN_PARAMS:
@@ -435,10 +446,12 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=
             stacklevel=3,
         )
 
-    def batch_loss(batch):
-        x, y = batch
-        return likelihood.nll(_loss_outputs(model(x, training=False)), y)
-
+    batch_loss = _cached(
+        model,
+        ("hessian_loss", _likelihood_key(likelihood)),
+        [],
+        lambda: _batch_loss(model, likelihood),
+    )
     totals = {"nll": 0.0, "count": 0, "width": 0}
 
     def streamed():
