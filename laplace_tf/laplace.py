@@ -169,7 +169,7 @@ class DiagonalLaplace:
         if self.likelihood == "regression":  # keep half the squared error: nll at unit noise
             loss -= fitted.n_data * fitted.n_outputs * math.log(2 * math.pi) / 2
         self._fit = {
-            "curvature": [tf.constant(h) for h in curvature],
+            "curvature": list(curvature),
             "loss": loss,
             "n_data": fitted.n_data,
             "n_outputs": fitted.n_outputs,

@@ -150,8 +150,7 @@ def fit_diagonal(
     total, nll, count, shape = None, 0.0, 0, None
     for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
-        parts = [tf.cast(p, tf.float64) for p in parts]  # summed over batches in float64
-        total = parts if total is None else [t + p for t, p in zip(total, parts, strict=True)]
+        total = _add_in_float64(total, parts)
         nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
         count += shape[0]
         if progress is not None:
@@ -326,6 +325,16 @@ def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
             f"({outputs.shape})."
         )
     return tf.cast(outputs, _accumulation_dtype(outputs.dtype))
+
+
+def _add_in_float64(total: list | None, parts: list[tf.Tensor]) -> list[tf.Tensor]:
+    """``total + parts``, summed over batches in float64 (accurate over millions of
+    examples), one weight at a time so that the float64 temporaries stay one weight big."""
+    if total is None:
+        return [tf.cast(p, tf.float64) for p in parts]
+    for index, part in enumerate(parts):
+        total[index] = total[index] + tf.cast(part, tf.float64)
+    return total
 
 
 def _checked_batches(model, likelihood, data, batch_size):
