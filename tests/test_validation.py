@@ -243,3 +243,13 @@ def test_monte_carlo_fit_is_reproducible_with_a_seed(data):
     for a, b in zip(same, again, strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, c) for a, c in zip(same, other, strict=True))
+
+
+def test_documented_recipe_turns_a_softmax_model_into_a_logits_model(data):
+    x, y = data
+    model = mlp(activation="softmax")
+    logits_model = keras.models.clone_model(model)
+    logits_model.set_weights(model.get_weights())
+    logits_model.layers[-1].activation = keras.activations.linear
+    np.testing.assert_allclose(tf.nn.softmax(logits_model(x)), model(x), rtol=1e-5, atol=1e-7)
+    DiagonalLaplace(logits_model, "classification").fit((x, y))
