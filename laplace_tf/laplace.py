@@ -299,6 +299,7 @@ class DiagonalLaplace:
         optimize_sigma_noise: bool = False,
         pred_type: str = "glm",
         link_approx: str = "probit",
+        seed: int | None = None,
     ) -> DiagonalLaplace:
         """Tune the prior precision; returns ``self``.
 
@@ -308,7 +309,9 @@ class DiagonalLaplace:
         ``optimize_sigma_noise``). ``method="gridsearch"`` picks, from ``grid``
         (default ``logspace(-4, 4, 21)``) of scalar values, the one that minimises
         ``metric(predictions, y)`` on ``val_data = (x, y)`` (default: the NLL of the
-        predictive).
+        predictive). Sampled predictives (``pred_type="nn"``, ``link_approx="mc"``) use
+        the same ``seed`` for every grid value, so the values are compared on the same
+        draws.
         """
         self._fitted()
         if prior_structure not in PRIOR_STRUCTURES:
@@ -325,7 +328,9 @@ class DiagonalLaplace:
                 raise ValueError("gridsearch tunes a scalar prior precision only.")
             if val_data is None:
                 raise ValueError("gridsearch needs val_data=(x_val, y_val).")
-            tuning.gridsearch(self, val_data, grid, metric, pred_type, link_approx)
+            tuning.gridsearch(
+                self, val_data, grid, metric, pred_type, link_approx, resolve_seed(seed)
+            )
         else:
             raise ValueError(f"Unknown method {method!r}; valid methods are marglik, gridsearch.")
         return self

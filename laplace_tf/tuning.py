@@ -52,7 +52,7 @@ def optimize_marglik(la: DiagonalLaplace, structure: str, with_noise: bool) -> N
 
 
 def gridsearch(
-    la: DiagonalLaplace, val_data, grid, metric, pred_type: str, link_approx: str
+    la: DiagonalLaplace, val_data, grid, metric, pred_type: str, link_approx: str, seed: int
 ) -> None:
     """Set ``la``'s scalar prior precision to the grid value with the best validation metric."""
     x_val, y_val = val_data
@@ -65,7 +65,7 @@ def gridsearch(
     try:
         for value in grid:
             la.prior_precision = float(value)
-            predictions = la.predict(x_val, pred_type=pred_type, link_approx=link_approx)
+            predictions = la.predict(x_val, pred_type=pred_type, link_approx=link_approx, seed=seed)
             scores.append(float(metric(predictions, y_val)))
     finally:
         la.prior_precision = original

@@ -1189,3 +1189,17 @@ def test_black_box_hessian_fit_streams_the_data(float64):
         ("produced", 0), ("done", 4), ("produced", 4), ("done", 8), ("produced", 8), ("done", 12)
     ]  # fmt: skip
     assert la.n_data == 12
+
+
+def test_gridsearch_with_sampled_predictive_is_reproducible_with_a_seed(mlp_clf, clf_data):
+    model, x, y, _ = mlp_clf
+    _, x_val = clf_data
+    y_val = teacher_labels(model, x_val, seed=3)
+    chosen = []
+    for seed in (4, 4):
+        la = DiagonalLaplace(model, "classification").fit((x, y))
+        la.optimize_prior_precision(
+            "gridsearch", val_data=(x_val, y_val), link_approx="mc", seed=seed
+        )
+        chosen.append(la.gridsearch_scores_)
+    assert chosen[0] == chosen[1]
