@@ -1,0 +1,26 @@
+"""Smoke test: the scale benchmark runs end to end (small model, streamed data)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_scale_benchmark_quick_run():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "scale.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=BENCHMARKS,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak RSS growth" in result.stdout
+    for method in ("gradient", "ggn", "predict"):
+        assert f" {method} " in result.stdout
