@@ -707,6 +707,7 @@ def make_bn_model():
     return model
 
 
+@pytest.mark.filterwarnings("ignore:The Hessian diagonal has .* negative entries")
 def test_model_weights_never_change(clf_data):
     x, x_val = clf_data
     model = make_bn_model()
@@ -1168,6 +1169,7 @@ def test_nn_predictive_subset_tiny_and_huge_prior(mlp_clf, clf_data):
         assert np.all(np.isfinite(tight.predict(x_val, link_approx=link, seed=0).numpy()))
 
 
+@pytest.mark.filterwarnings("ignore:The Hessian diagonal has .* negative entries")
 def test_black_box_hessian_fit_streams_the_data(float64):
     """A non-piecewise-linear model with curvature="hessian" consumes batches one at a time
     (bounded memory): each batch is reported by progress before the next is produced."""

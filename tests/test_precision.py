@@ -148,21 +148,24 @@ def test_float64_end_to_end():
     previous = keras.config.floatx()
     keras.config.set_floatx("float64")
     try:
-        rng = np.random.default_rng(3)
-        x, y = rng.integers(0, 11, size=(N, 6)), rng.integers(0, 3, size=N)
-        la = DiagonalLaplace(sequence_model(head_dtype=None), "classification").fit((x, y))
-        la.optimize_prior_precision(prior_structure="layerwise")
-        outputs = [
-            *la.posterior_precision,
-            *la.sample(2, seed=0),
-            la.predict(x[:4]),
-            la.predict(x[:4], pred_type="nn", n_samples=2, seed=0),
-            la.predictive_samples(x[:4], 2, pred_type="glm", seed=0),
-        ]
-        assert all(t.dtype == tf.float64 for t in outputs)
-        assert la.log_marginal_likelihood().dtype == tf.float64
+        with global_policy("float64"):
+            model = sequence_model(head_dtype=None)
     finally:
         keras.config.set_floatx(previous)
+    assert all(w.dtype == "float64" for w in model.weights)
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 11, size=(N, 6)), rng.integers(0, 3, size=N)
+    la = DiagonalLaplace(model, "classification").fit((x, y))
+    la.optimize_prior_precision(prior_structure="layerwise")
+    outputs = [
+        *la.posterior_precision,
+        *la.sample(2, seed=0),
+        la.predict(x[:4]),
+        la.predict(x[:4], pred_type="nn", n_samples=2, seed=0),
+        la.predictive_samples(x[:4], 2, pred_type="glm", seed=0),
+    ]
+    assert all(t.dtype == tf.float64 for t in outputs)
+    assert la.log_marginal_likelihood().dtype == tf.float64
 
 
 def test_float32_sum_over_a_million_examples_matches_float64_closed_form():
