@@ -278,11 +278,17 @@ class DiagonalLaplace:
             if prior_precision is None
             else PriorPrecision.expand(prior_precision, self._groups)
         )
-        posterior = self._posterior_precision(prior, sigma_noise)
+        # In float64 throughout, also for float32 curvature: the objective the prior
+        # tuning differentiates must be smooth well below float32 resolution.
+        curvature = [tf.cast(h, tf.float64) for h in fit["curvature"]]
+        if self.likelihood == "regression":
+            sigma = _as_dtype(self._sigma(sigma_noise), tf.float64)
+            power = 4 if self.curvature == "ef" else 2
+            curvature = [h / sigma**power for h in curvature]
         total = self.log_likelihood(sigma_noise)
-        for p, post, theta, mu in zip(prior, posterior, fit["mean"], self.prior_mean, strict=True):
-            p = tf.cast(tf.broadcast_to(p, post.shape), tf.float64)
-            post = tf.cast(post, tf.float64)
+        for p, h, theta, mu in zip(prior, curvature, fit["mean"], self.prior_mean, strict=True):
+            p = tf.broadcast_to(tf.cast(p, tf.float64), h.shape)
+            post = h / self.temperature + p
             scatter = tf.reduce_sum(p * tf.square(tf.cast(theta - mu, tf.float64)))
             log_det_ratio = tf.reduce_sum(tf.math.log(post)) - tf.reduce_sum(tf.math.log(p))
             total -= 0.5 * (log_det_ratio + scatter)
@@ -306,8 +312,10 @@ class DiagonalLaplace:
         ``method="marglik"`` maximises :meth:`log_marginal_likelihood` over the log prior
         precision with the given ``prior_structure`` ("scalar", "layerwise", "diag")
         by L-BFGS-B (and over ``sigma_noise`` for regression if
-        ``optimize_sigma_noise``). ``method="gridsearch"`` picks, from ``grid``
-        (default ``logspace(-4, 4, 21)``) of scalar values, the one that minimises
+        ``optimize_sigma_noise``), on the log evidence per example in float64; a
+        ``RuntimeWarning`` says when it stops away from a stationary point.
+        ``method="gridsearch"`` picks, from ``grid`` (default ``logspace(-4, 4, 21)``)
+        of scalar values, the one that minimises
         ``metric(predictions, y)`` on ``val_data = (x, y)`` (default: the NLL of the
         predictive). Sampled predictives (``pred_type="nn"``, ``link_approx="mc"``) use
         the same ``seed`` for every grid value, so the values are compared on the same

@@ -8,6 +8,7 @@ with the best validation metric. Both change only the Laplace object, never the 
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -35,20 +36,55 @@ def optimize_marglik(la: DiagonalLaplace, structure: str, with_noise: bool) -> N
         sigma = tf.exp(flat[-1]) if with_noise else None
         return prior, sigma
 
+    # Per example: the summed log evidence has gradients in the hundreds or thousands at a
+    # poor start, and L-BFGS-B's first step on a bounded problem is the full (unscaled)
+    # Cauchy step, which would land on the bounds where the evidence overflows.
+    scale = 1.0 / max(la.n_data, 1)
+
     def objective(flat: np.ndarray):
         flat = tf.constant(flat, tf.float64)
         with tf.GradientTape() as tape:
             tape.watch(flat)
             prior, sigma = unpack(flat)
-            value = -la.log_marginal_likelihood(prior, sigma)
-        return float(value), tape.gradient(value, flat).numpy()
+            value = -scale * la.log_marginal_likelihood(prior, sigma)
+        value, gradient = float(value), tape.gradient(value, flat).numpy()
+        if not (math.isfinite(value) and np.all(np.isfinite(gradient))):
+            # Far outside the useful range: a large finite value sends the line search back.
+            return 1e100, np.zeros_like(gradient)
+        return value, gradient
 
+    start_value = objective(start)[0]
     bounds = [(-25.0, 25.0)] * len(start)
-    result = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    result = minimize(
+        objective,
+        start,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"ftol": 1e-13, "gtol": 1e-9},
+    )
+    if not result.fun <= start_value or (
+        not result.success and _projected_gradient_norm(result.jac, result.x, bounds) > 1e-4
+    ):
+        warnings.warn(
+            f"Marginal-likelihood optimisation did not converge ({result.message}); "
+            "the prior precision may be far from the optimum. Try another starting "
+            "prior_precision or sigma_noise, or method='gridsearch'.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     prior, sigma = unpack(tf.constant(result.x, tf.float64))
     la.prior_precision = PriorPrecision.to_value(prior, structure)
     if with_noise:
         la.sigma_noise = float(sigma)
+
+
+def _projected_gradient_norm(gradient: np.ndarray, x: np.ndarray, bounds: list) -> float:
+    """Largest gradient component that could still lower the objective within the box."""
+    lower, upper = (np.array(b, dtype=float) for b in zip(*bounds, strict=True))
+    gradient = np.where((x <= lower) & (gradient > 0), 0.0, gradient)
+    gradient = np.where((x >= upper) & (gradient < 0), 0.0, gradient)
+    return float(np.max(np.abs(gradient), initial=0.0))
 
 
 def gridsearch(

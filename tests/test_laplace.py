@@ -10,6 +10,7 @@ likelihood and grid-search optima from brute-force grids.
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -617,6 +618,65 @@ def test_optimize_sigma_noise_improves_lml(reg_data):
     d_delta = central_difference(lambda d: lml_at(tuned, d, sigma), delta)
     assert abs(d_sigma * sigma) < 1e-3 and abs(d_delta * delta) < 1e-3
     assert 0.3 < sigma < 0.8  # near the true noise 0.5
+
+
+@pytest.fixture(scope="module")
+def tanh_regressor(float64):
+    """A trained 1-16-1 tanh MLP on 200 noisy sine points (noise 0.1)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 3, (200, 1))
+    y = np.sin(x) + 0.1 * rng.normal(size=x.shape)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((1,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.03), loss="mse")
+    model.fit(x, y, epochs=30, batch_size=50, verbose=0)
+    return model, x, y
+
+
+@pytest.mark.parametrize("start", [(1.0, 1.0), (1e-3, 3.0), (1e3, 1e-2)])
+def test_marglik_from_a_distant_start_reaches_the_maximum(tanh_regressor, start):
+    """At a poor start the summed log evidence has gradients in the hundreds; a bounded
+    L-BFGS-B on it used to jump to the bounds, where the evidence overflows, fail its line
+    search and silently return the start."""
+    model, x, y = tanh_regressor
+    prior, sigma = start
+    la = DiagonalLaplace(model, "regression", prior_precision=prior, sigma_noise=sigma)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no non-convergence warning
+        la.fit((x, y)).optimize_prior_precision(optimize_sigma_noise=True)
+    log_delta, log_sigma = np.meshgrid(np.linspace(-4, 6, 41), np.linspace(-4, 1, 41))
+    grid = [
+        lml_at(la, np.exp(d), np.exp(s))
+        for d, s in zip(log_delta.ravel(), log_sigma.ravel(), strict=True)
+    ]
+    assert float(la.log_marginal_likelihood()) >= max(grid) - 1e-6
+    delta, sigma = la.prior_precision, la.sigma_noise
+    d_sigma = central_difference(lambda s: lml_at(la, delta, s), sigma, 1e-7)
+    d_delta = central_difference(lambda d: lml_at(la, d, sigma), delta, 1e-7)
+    assert abs(d_sigma * sigma) < 1e-3 and abs(d_delta * delta) < 1e-3
+    assert 0.08 < sigma < 0.2  # near the true noise 0.1
+
+
+def test_marglik_warns_when_the_optimiser_fails(blr_la, monkeypatch):
+    from scipy.optimize import OptimizeResult
+
+    from laplace_tf import tuning
+
+    def stuck(fun, x0, **kwargs):
+        value, gradient = fun(x0)
+        return OptimizeResult(x=x0, fun=value, jac=gradient, success=False, message="ABNORMAL")
+
+    la, _ = blr_la
+    before = la.prior_precision
+    monkeypatch.setattr(tuning, "minimize", stuck)
+    la.prior_precision = 100.0  # far from the optimum: a large gradient
+    try:
+        with pytest.warns(RuntimeWarning, match="did not converge.*ABNORMAL"):
+            la.optimize_prior_precision()
+    finally:
+        la.prior_precision = before
 
 
 # ---------------------------------------------------------------------------------------
