@@ -445,7 +445,9 @@ class DiagonalLaplace:
 
         ``"nn"`` evaluates the real network at posterior weight draws (functionally: the
         model's own weights are never assigned); ``"glm"`` draws outputs from the
-        linearised model's Gaussian.
+        linearised model's Gaussian. The same ``seed`` gives the same draws; the weight
+        draws of ``"nn"`` come from their own random stream, so they match those of
+        :meth:`sample` with that seed in distribution, not one for one.
         """
         self._fitted()
         _check_choice("pred_type", pred_type, PRED_TYPES)
