@@ -47,8 +47,10 @@ class DiagonalLaplace:
         Curvature kind, see :func:`laplace_tf.curvature.diagonal`.
     subset : "all", "last_layer" or list of str
         Weights that get a posterior: all trainable weights, those of the last layer
-        that has weights, or those of the named layers. The others stay at their
-        trained values.
+        that has weights (in the order of ``model._flatten_layers``; for a model with
+        branches, name the layer instead), or those of the named layers (a named
+        nested model contributes all its weights as one group; naming it and a layer
+        inside it is refused). The others stay at their trained values.
     prior_precision : float, list of float, or list of arrays
         ``delta``: a scalar, one value per selected layer, or one array per selected
         weight (shaped like it). Must be positive.

@@ -59,6 +59,16 @@ def select_groups(model: keras.Model, subset) -> list[list]:
         groups.append(variables)
     if not groups:
         raise ValueError("model has no trainable weights.")
+    owners: dict[int, str] = {}
+    for layer, variables in zip(chosen, groups, strict=True):
+        for v in variables:
+            if id(v) in owners:
+                raise ValueError(
+                    f"subset selects the weight {v.path!r} twice, through layers "
+                    f"{owners[id(v)]!r} and {layer.name!r} (one contains the other); "
+                    "name each weight's layer once."
+                )
+            owners[id(v)] = layer.name
     return groups
 
 

@@ -1171,6 +1171,16 @@ def test_duplicate_subset_names_rejected(mlp_clf):
         DiagonalLaplace(model, "classification", subset=["head", "head"])
 
 
+def test_nested_block_and_its_layer_rejected(float64):
+    """Naming a nested model and a layer inside it would count its weights twice."""
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, name="inner")], name="block")
+    model = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(3, name="out")])
+    with pytest.raises(ValueError, match=r"'block/inner/kernel' twice.*'block' and 'inner'"):
+        DiagonalLaplace(model, "classification", subset=["block", "inner"])
+    block = DiagonalLaplace(model, "classification", subset=["block"])
+    assert [v.path for v in block.variables] == ["block/inner/kernel", "block/inner/bias"]
+
+
 @pytest.mark.parametrize("subset", [5, ["head", 3]])
 def test_subset_of_wrong_type_rejected(mlp_clf, subset):
     model, *_ = mlp_clf
