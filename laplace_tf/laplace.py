@@ -203,12 +203,18 @@ class DiagonalLaplace:
 
     def curvature_diagonal(self, sigma_noise: Any = None) -> list[tf.Tensor]:
         """The curvature ``h`` of the summed NLL at ``sigma_noise`` (before temperature)."""
-        fit = self._fitted()
+        return self._curvature(sigma_noise, None)
+
+    def _curvature(self, sigma_noise: Any, dtype: tf.DType | None) -> list[tf.Tensor]:
+        """:meth:`curvature_diagonal`, cast to ``dtype`` (if given) before the rescaling."""
+        curvature = self._fitted()["curvature"]
+        if dtype is not None:
+            curvature = [tf.cast(h, dtype) for h in curvature]
         if self.likelihood != "regression":
-            return list(fit["curvature"])
+            return list(curvature)
         sigma = self._sigma(sigma_noise)
         power = 4 if self.curvature == "ef" else 2
-        return [h / _as_dtype(sigma, h.dtype) ** power for h in fit["curvature"]]
+        return [h / _as_dtype(sigma, h.dtype) ** power for h in curvature]
 
     # -- posterior -------------------------------------------------------------------------
 
@@ -282,11 +288,7 @@ class DiagonalLaplace:
         )
         # In float64 throughout, also for float32 curvature: the objective the prior
         # tuning differentiates must be smooth well below float32 resolution.
-        curvature = [tf.cast(h, tf.float64) for h in fit["curvature"]]
-        if self.likelihood == "regression":
-            sigma = _as_dtype(self._sigma(sigma_noise), tf.float64)
-            power = 4 if self.curvature == "ef" else 2
-            curvature = [h / sigma**power for h in curvature]
+        curvature = self._curvature(sigma_noise, tf.float64)
         total = self.log_likelihood(sigma_noise)
         for p, h, theta, mu in zip(prior, curvature, fit["mean"], self.prior_mean, strict=True):
             p = tf.broadcast_to(tf.cast(p, tf.float64), h.shape)

@@ -666,7 +666,8 @@ def test_marglik_warns_when_the_optimiser_fails(blr_la, monkeypatch):
 
     def stuck(fun, x0, **kwargs):
         value, gradient = fun(x0)
-        return OptimizeResult(x=x0, fun=value, jac=gradient, success=False, message="ABNORMAL")
+        # reports success at its start, as L-BFGS-B did after a failed first line search
+        return OptimizeResult(x=x0, fun=value, jac=gradient, success=True, message="ABNORMAL")
 
     la, _ = blr_la
     before = la.prior_precision
