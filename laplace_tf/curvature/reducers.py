@@ -1,0 +1,487 @@
+"""What is summed from the per-example gradient factors beyond the diagonal.
+
+The engine (:mod:`structured`) traces one forward pass, back-propagates the columns of
+the output-Hessian factor ``S`` to every layer's cut and hands the layer rules' gradient
+factors to a reducer. The diagonal reducer lives in :mod:`structured`; this module adds
+
+- :func:`fit_kron`: Kronecker factors per kernel (KFLR / KFAC as in BackPACK and
+  laplace-torch), a full block per bias, a diagonal block for every other weight;
+- :func:`fit_full`: the full Gram ``sum_n sum_k g_nk g_nk^T`` over the selected weights;
+- :func:`kron_glm_moments` and :func:`full_glm_moments`: the GLM output covariance
+  ``J_n Sigma J_n^T`` per example for posteriors in those structures, the Kronecker one in
+  the factors' eigenbasis (never a ``P x P`` matrix).
+
+Flattening: a weight is flattened in row-major (C) order. A Dense kernel ``[I, J]`` has
+per-example gradients ``a_n (x) delta_nk``, so its curvature block is ``A (x) B`` with
+``A`` over the inputs (``I x I``) and ``B`` over the outputs (``J x J``); a Conv kernel
+``[*kernel_size, C_in, C_out]`` likewise with ``A`` over the unfolded patch entries.
+(laplace-torch's ``B (x) A`` is the same matrix for PyTorch's ``[out, in]`` layout.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from laplace_tf._checks import positive_int, resolve_seed
+from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
+from laplace_tf._validation import check_output_activation
+from laplace_tf.curvature.layers import Explicit, Outer, Patches, PerExample, Rows
+from laplace_tf.curvature.structured import (
+    KINDS,
+    _add_in_float64,
+    _cached,
+    _checked_batches,
+    _column_chunk,
+    _cut_cotangents,
+    _likelihood_key,
+    _loss_columns,
+    _loss_outputs,
+    _model_variables,
+    _replicated,
+    is_piecewise_linear,
+)
+from laplace_tf.curvature.tracing import trace
+from laplace_tf.likelihoods import Likelihood, get_likelihood
+
+#: Bound on the entries of the per-example gradients ``[N, K, P]`` formed at once by the
+#: full reducer (columns of ``S`` are processed in chunks to stay below it).
+FULL_GRADIENT_ENTRIES = 2**24
+#: Layers whose bias gets a full block under the Kronecker structure.
+_KRONECKER_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+)
+
+
+# -- blocks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """``H_W ~= A (x) B`` for a kernel flattened row-major.
+
+    ``inputs`` is ``A = (1/N) sum_n a_n a_n^T`` (conv: ``sum_l`` over output locations
+    of the unfolded patches), ``outputs`` is ``B = sum_n sum_k delta_nk delta_nk^T``
+    (conv: of ``sum_l delta_nkl``, which is the bias GGN), as BackPACK's KFLR / KFAC.
+    """
+
+    inputs: tf.Tensor
+    outputs: tf.Tensor
+
+
+@dataclass(frozen=True)
+class DenseBlock:
+    """The exact curvature block ``sum_n sum_k g_nk g_nk^T`` of one (small) weight."""
+
+    matrix: tf.Tensor
+
+
+@dataclass(frozen=True)
+class DiagonalBlock:
+    """The curvature diagonal ``sum_n sum_k g_nk^2`` of a weight, shaped like it."""
+
+    diagonal: tf.Tensor
+
+
+Block = KroneckerBlock | DenseBlock | DiagonalBlock
+
+
+@dataclass(frozen=True)
+class StructuredFit:
+    """One pass over the data: the curvature (blocks or a matrix), summed NLL and count."""
+
+    curvature: Any
+    nll: float
+    n_data: int
+    n_outputs: int
+
+
+# -- per-example gradients -------------------------------------------------------------------
+
+
+def dense_gradients(factor: Any) -> list[tf.Tensor]:
+    """The per-example, per-column gradients ``[N, K, *shape]`` a factor stands for, one
+    tensor per variable of ``factor.variables`` (for small weights only)."""
+    if hasattr(factor, "dense_grads"):
+        grads = factor.dense_grads()
+        return [grads] if isinstance(grads, tf.Tensor) else list(grads)
+    if isinstance(factor, Outer):
+        grads = tf.einsum("ni,nkj->nkij", factor.inputs, factor.cotangents)
+    elif isinstance(factor, Patches):
+        grads = tf.einsum("nlq,nklo->nkqo", factor.patches, factor.cotangents)
+    elif isinstance(factor, Rows):
+        vocabulary = factor.variable.shape[0]
+        hits = tf.one_hot(factor.ids, vocabulary, dtype=factor.cotangents.dtype)
+        grads = tf.einsum("ntv,nktd->nkvd", hits, factor.cotangents)
+    elif isinstance(factor, Explicit):
+        grads = factor.grads
+    elif isinstance(factor, PerExample):
+        return factor._grads(tf.range(tf.shape(factor.cotangents)[0]))
+    else:
+        raise TypeError(f"no per-example gradients for a {type(factor).__name__} factor.")
+    (variable,) = factor.variables
+    return [tf.reshape(grads, tf.concat([tf.shape(grads)[:2], variable.shape], 0))]
+
+
+def _flat(grads: tf.Tensor) -> tf.Tensor:
+    shape = tf.shape(grads)
+    return tf.reshape(grads, [shape[0], shape[1], -1])
+
+
+def _is_bias(site, factor) -> bool:
+    return (
+        isinstance(factor, Explicit)
+        and isinstance(site.layer, _KRONECKER_LAYERS)
+        and factor.variable is getattr(site.layer, "bias", None)
+    )
+
+
+# -- fitting ---------------------------------------------------------------------------------
+
+
+def fit_kron(
+    model: keras.Model,
+    data: Any,
+    *,
+    likelihood: str | Likelihood,
+    kind: str = "ggn",
+    params: Sequence[Any] | None = None,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> StructuredFit:
+    """Kronecker-factored curvature of the summed NLL, one block per selected weight.
+
+    Dense kernels on ``[N, I]`` inputs and Conv kernels get a :class:`KroneckerBlock`,
+    the bias of a Dense / EinsumDense / Conv layer a :class:`DenseBlock`, every other
+    weight (norm scales, embeddings, fallback layers, Dense on sequences) a
+    :class:`DiagonalBlock`. Arguments as :func:`laplace_tf.curvature.diagonal`.
+    """
+    step, layout = _structured_step(model, likelihood, kind, params, mc_samples, "kron")
+    sums, nll, count, width = _accumulate(model, likelihood, data, batch_size, seed, step, progress)
+    variables = _model_variables(model, params)
+    blocks, position = [], 0
+    for v in variables:
+        block = layout[id(v)]
+        if block == "kron":
+            inputs, outputs = sums[position], sums[position + 1]
+            blocks.append(KroneckerBlock(inputs / max(count, 1), outputs))
+            position += 2
+        elif block == "dense":
+            blocks.append(DenseBlock(sums[position]))
+            position += 1
+        else:
+            blocks.append(DiagonalBlock(sums[position]))
+            position += 1
+    return StructuredFit(blocks, nll, count, width)
+
+
+def fit_full(
+    model: keras.Model,
+    data: Any,
+    *,
+    likelihood: str | Likelihood,
+    kind: str = "ggn",
+    params: Sequence[Any] | None = None,
+    mc_samples: int = 1,
+    seed: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> StructuredFit:
+    """The ``P x P`` curvature ``sum_n sum_k g_nk g_nk^T`` (float64) of the selected weights,
+    flattened row-major and concatenated in order. Per batch, columns of ``S`` are taken
+    in chunks so that at most :data:`FULL_GRADIENT_ENTRIES` gradient entries exist at once.
+    Arguments as :func:`laplace_tf.curvature.diagonal`."""
+    step, _ = _structured_step(
+        model, likelihood, kind, params, mc_samples, "full", batch_size=batch_size
+    )
+    sums, nll, count, width = _accumulate(model, likelihood, data, batch_size, seed, step, progress)
+    return StructuredFit(sums[0], nll, count, width)
+
+
+def _accumulate(model, likelihood, data, batch_size, seed, step, progress):
+    likelihood = get_likelihood(likelihood)
+    seed = resolve_seed(seed)
+    total, nll, count, shape = None, 0.0, 0, None
+    for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
+        parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
+        total = _add_in_float64(total, parts)
+        nll += tf.cast(batch_nll, tf.float64)
+        count += int(shape[0])
+        if progress is not None:
+            progress(count)
+    return total, float(nll), count, int(shape[1])
+
+
+def _structured_step(model, likelihood, kind, params, mc_samples, reducer, batch_size=0):
+    """The cached, compiled batch step of ``reducer`` and the block layout it records."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown curvature kind {kind!r}; valid kinds are {', '.join(KINDS)}.")
+    positive_int("mc_samples", mc_samples)
+    likelihood = get_likelihood(likelihood)
+    variables = _model_variables(model, params)
+    check_output_activation(model, likelihood)
+    if kind == "hessian":
+        if not is_piecewise_linear(model):
+            raise ValueError(
+                f"curvature='hessian' with the {reducer} structure needs a piecewise-linear "
+                "model (ReLU-like activations), where it equals the GGN; use curvature='ggn' "
+                "or the diagonal structure."
+            )
+        kind = "ggn"
+    key = (reducer, _likelihood_key(likelihood), kind, mc_samples, batch_size)
+    build = _kron_step if reducer == "kron" else _full_step
+    return _cached(
+        model,
+        key,
+        variables,
+        lambda: build(model, likelihood, variables, kind, mc_samples, batch_size),
+    )
+
+
+def _kron_step(model, likelihood, variables, kind, mc_samples, _batch_size):
+    layout: dict[int, str] = {}
+
+    def add(sums, key, parts):
+        sums[key] = (
+            parts if key not in sums else [s + p for s, p in zip(sums[key], parts, strict=True)]
+        )
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def step(x, y, seed):
+        with tf.GradientTape(persistent=True) as tape:
+            raw, sites = trace(model, x, variables)
+            outputs = _loss_outputs(raw)
+        columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
+        sums: dict[int, list] = {}
+        inputs: dict[int, tf.Tensor] = {}
+        count, chunk = columns.shape[-1], _column_chunk(sites, columns.shape[-1])
+        for start in range(0, count, chunk):
+            part = columns[:, :, start : start + chunk]
+            for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, part), strict=True):
+                for factor in site.factors(cotangent):
+                    key = id(factor.variables[0])
+                    if isinstance(factor, Outer):
+                        a, delta = factor.inputs, factor.cotangents
+                        inputs[key] = tf.matmul(a, a, transpose_a=True)
+                        add(sums, key, [tf.einsum("nki,nkj->ij", delta, delta)])
+                        layout[key] = "kron"
+                    elif isinstance(factor, Patches):
+                        p = factor.patches
+                        inputs[key] = tf.einsum("nlq,nlr->qr", p, p)
+                        summed = tf.reduce_sum(factor.cotangents, axis=2)
+                        add(sums, key, [tf.einsum("nki,nkj->ij", summed, summed)])
+                        layout[key] = "kron"
+                    elif _is_bias(site, factor):
+                        flat = _flat(factor.grads)
+                        add(sums, key, [tf.einsum("nki,nkj->ij", flat, flat)])
+                        layout[key] = "dense"
+                    else:
+                        for v, square in zip(factor.variables, factor.sum_squares(), strict=True):
+                            add(sums, id(v), [square])
+                            layout[id(v)] = "diagonal"
+        parts = []
+        for v in variables:
+            if id(v) in inputs:
+                parts.append(inputs[id(v)])
+            parts.extend(sums[id(v)])
+        return parts, likelihood.nll(outputs, y), tf.shape(outputs)
+
+    return _replicated(model, step), layout
+
+
+def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
+    size = sum(v.shape.num_elements() for v in variables)
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def step(x, y, seed):
+        with tf.GradientTape(persistent=True) as tape:
+            raw, sites = trace(model, x, variables)
+            outputs = _loss_outputs(raw)
+        columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
+        count = columns.shape[-1]
+        bound = FULL_GRADIENT_ENTRIES // max(batch_size * size, 1)
+        chunk = max(1, min(_column_chunk(sites, count), bound))
+        gram = tf.zeros([size, size], tf.float64)
+        for start in range(0, count, chunk):
+            part = columns[:, :, start : start + chunk]
+            flat = _jacobian(tape, raw, sites, part, variables)
+            gram += tf.cast(tf.einsum("nki,nkj->ij", flat, flat), tf.float64)
+        return [gram], likelihood.nll(outputs, y), tf.shape(outputs)
+
+    return _replicated(model, step), {}
+
+
+def _jacobian(tape, raw, sites, columns, variables) -> tf.Tensor:
+    """``[N, K, P]``: the gradients of the columns, concatenated over ``variables``."""
+    grads = {}
+    for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, columns), strict=True):
+        for factor in site.factors(cotangent):
+            for v, g in zip(factor.variables, dense_gradients(factor), strict=True):
+                grads[id(v)] = g
+    return tf.concat([_flat(grads[id(v)]) for v in variables], axis=-1)
+
+
+# -- GLM output covariance -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KroneckerEigen:
+    """A Kronecker block's covariance ``(Q_A (x) Q_B) diag(w) (Q_A (x) Q_B)^T``, ``w [I, J]``."""
+
+    inputs_basis: tf.Tensor
+    outputs_basis: tf.Tensor
+    weights: tf.Tensor
+
+
+@dataclass(frozen=True)
+class DenseEigen:
+    """A dense block's covariance ``Q diag(w) Q^T``."""
+
+    basis: tf.Tensor
+    weights: tf.Tensor
+
+
+@dataclass(frozen=True)
+class DiagonalWeights:
+    """A diagonal block's covariance ``diag(w)``, ``w`` shaped like the weight."""
+
+    weights: tf.Tensor
+
+
+Covariance = KroneckerEigen | DenseEigen | DiagonalWeights
+
+
+def kron_glm_moments(
+    model: keras.Model,
+    x: Any,
+    covariances: Sequence[Covariance],
+    *,
+    params: Sequence[Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Outputs ``f(x)`` ``[N, C]`` and ``sum_blocks J_n Sigma_b J_n^T`` ``[N, C, C]``.
+
+    For a Kronecker block the gradients ``a_n (x) delta_nk`` are projected on the
+    eigenbases, ``(Q_A^T a_n) (x) (Q_B^T delta_nk)``, and weighted by ``w``:
+    ``sum_ij (Q_A^T a_n)_i^2 (Q_B^T delta_nk)_j (Q_B^T delta_nl)_j w_ij``.
+    """
+    variables = _model_variables(model, params)
+    kinds = tuple(type(c).__name__ for c in covariances)
+    step = _cached(
+        model,
+        ("kron_covariance", kinds),
+        variables,
+        lambda: _kron_covariance_step(model, variables),
+    )
+    tensors = [_covariance_tensors(c) for c in covariances]
+    means, covs = zip(*(step(batch, tensors) for batch in batched(x, batch_size)), strict=True)
+    return tf.concat(means, axis=0), tf.concat(covs, axis=0)
+
+
+def full_glm_moments(
+    model: keras.Model,
+    x: Any,
+    precision_cholesky: tf.Tensor,
+    *,
+    params: Sequence[Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Outputs ``f(x)`` and ``J_n Sigma J_n^T = ||L^{-1} J_n^T||^2`` per example, with
+    ``L L^T`` the posterior precision (``L`` lower triangular, ``P x P``)."""
+    variables = _model_variables(model, params)
+    step = _cached(
+        model, ("full_covariance",), variables, lambda: _full_covariance_step(model, variables)
+    )
+    results = [step(batch, precision_cholesky) for batch in batched(x, batch_size)]
+    means, covs = zip(*results, strict=True)
+    return tf.concat(means, axis=0), tf.concat(covs, axis=0)
+
+
+def _covariance_tensors(covariance: Covariance) -> list[tf.Tensor]:
+    if isinstance(covariance, KroneckerEigen):
+        return [covariance.inputs_basis, covariance.outputs_basis, covariance.weights]
+    if isinstance(covariance, DenseEigen):
+        return [covariance.basis, covariance.weights]
+    return [covariance.weights]
+
+
+def _identity_columns(raw: tf.Tensor) -> tf.Tensor:
+    n, c = tf.shape(raw)[0], tf.shape(raw)[1]
+    return tf.broadcast_to(tf.eye(c, dtype=raw.dtype), [n, c, c])
+
+
+def _projected(factor, tensors):
+    """``(factor, weights)`` whose weighted Gram is this block's output covariance."""
+    dtype = _factor_dtype(factor)
+    tensors = [tf.cast(t, dtype) for t in tensors]
+    if len(tensors) == 3:
+        q_a, q_b, weights = tensors
+        if isinstance(factor, Outer):
+            projected = Outer(factor.variable, factor.inputs @ q_a, factor.cotangents @ q_b)
+        elif isinstance(factor, Patches):
+            projected = Patches(factor.variable, factor.patches @ q_a, factor.cotangents @ q_b)
+        else:
+            raise TypeError(f"a Kronecker block for a {type(factor).__name__} factor.")
+        return projected, [weights]
+    if len(tensors) == 2:
+        basis, weights = tensors
+        projected = Explicit(factor.variable, _flat(factor.grads) @ basis)
+        return projected, [weights]
+    return factor, tensors
+
+
+def _factor_dtype(factor) -> tf.DType:
+    for name in ("inputs", "patches", "grads", "cotangents"):
+        if hasattr(factor, name):
+            return getattr(factor, name).dtype
+    return factor.variables[0].dtype
+
+
+def _kron_covariance_step(model, variables):
+    index = {id(v): i for i, v in enumerate(variables)}
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def step(x, tensors):
+        with tf.GradientTape(persistent=True) as tape:
+            raw, sites = trace(model, x, variables)
+            outputs = _loss_outputs(raw)
+        columns = _identity_columns(raw)
+        shape = [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]]
+        covariance = tf.zeros(shape, outputs.dtype)
+        for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, columns), strict=True):
+            for factor in site.factors(cotangent):
+                if len(factor.variables) == 1:
+                    factor, weights = _projected(factor, tensors[index[id(factor.variable)]])
+                else:
+                    weights = [tensors[index[id(v)]][0] for v in factor.variables]
+                covariance += tf.cast(factor.weighted_gram(weights), outputs.dtype)
+        return outputs, covariance
+
+    return step
+
+
+def _full_covariance_step(model, variables):
+    @tf.function(reduce_retracing=True, autograph=False)
+    def step(x, cholesky):
+        with tf.GradientTape(persistent=True) as tape:
+            raw, sites = trace(model, x, variables)
+            outputs = _loss_outputs(raw)
+        jacobian = _jacobian(tape, raw, sites, _identity_columns(raw), variables)  # [N, C, P]
+        n, c = tf.shape(jacobian)[0], tf.shape(jacobian)[1]
+        columns = tf.reshape(tf.transpose(jacobian, [2, 0, 1]), [tf.shape(jacobian)[2], -1])
+        cholesky = tf.cast(cholesky, columns.dtype)
+        solved = tf.linalg.triangular_solve(cholesky, columns, lower=True)
+        solved = tf.reshape(solved, [-1, n, c])
+        covariance = tf.einsum("pnc,pnd->ncd", solved, solved)
+        return outputs, tf.cast(covariance, outputs.dtype)
+
+    return step
