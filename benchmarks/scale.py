@@ -242,7 +242,9 @@ def print_table(results: list[dict], sizes: list[int], methods: list[str]) -> No
             base = by_key.get((BASELINES.get(method), n))
             time_ratio = f"{r['time_ratio']:.2f}" if "time_ratio" in r else "-"
             peak = r["peak_above_ready"]
-            memory_ratio = f"{peak / base['peak_above_ready']:.2f}" if base else "-"
+            base_peak = base["peak_above_ready"] if base else 0.0
+            # a baseline peak within the RSS sampling resolution has no meaningful ratio
+            memory_ratio = f"{peak / base_peak:.2f}" if base_peak > 0 else "-"
             print(
                 f"{n:>7} {method:<9} {r['time']:>11.2f} {r['time'] / n * 1e6:>11.0f} "
                 f"{time_ratio:>11} {peak:>11.1f} {memory_ratio:>11} "

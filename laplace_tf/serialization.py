@@ -4,7 +4,7 @@ The model itself is not stored: save it with Keras (``model.save("model.keras")`
 give it back to :func:`load`, which checks that it is the model the posterior was
 fitted on.
 
-File format (version 1)
+File format (version 2)
 -----------------------
 One uncompressed NumPy ``.npz`` archive, written by :func:`numpy.savez` and read with
 ``allow_pickle=False``. The path is used exactly as given (no ``.npz`` is appended).
@@ -18,7 +18,7 @@ With ``k`` the number of selected weights (``la.variables``), it holds:
 - ``prior_mean_0`` ...: only when the prior mean is not one constant;
 - ``metadata``: a 0-d unicode array holding a JSON object with the keys
 
-  - ``format``: ``"laplace_tf.DiagonalLaplace"``; ``version``: ``1`` (a reader refuses a
+  - ``format``: ``"laplace_tf.DiagonalLaplace"``; ``version``: ``2`` (a reader refuses a
     newer version); ``library_version``: the laplace_tf version that wrote the file;
   - ``likelihood``, ``curvature``, ``subset`` (``"all"``, ``"last_layer"`` or a list of
     layer names), ``temperature``, ``sigma_noise``: the configuration;
@@ -30,10 +30,16 @@ With ``k`` the number of selected weights (``la.variables``), it holds:
     NLL as a float64 (for regression half the squared error: the NLL at unit noise
     without its constant);
   - ``weights``: ``[{"name": path, "shape": [int, ...], "dtype": str}, ...]``, the
-    selected weights in order;
+    selected weights in order (the paths are informative: a reloaded model may name its
+    weights differently, so only shapes and dtypes are compared);
   - ``fingerprint``: ``{"architecture": hex, "weights": hex}``, sha256 digests of the
     model (:func:`architecture_fingerprint`, :func:`weights_fingerprint`);
   - ``checksum``: sha256 hex digest over the other arrays in name order.
+
+Version 1 (laplace_tf 0.1) has the same layout; its architecture fingerprint also
+covered weight paths and layer names, so it is checked the old way when such a file is
+read. Version-1 files of Functional models keep loading; those of Sequential models
+could never be loaded into a reloaded model, since Keras renames their weights.
 
 Array digests (``checksum`` and the weights fingerprint) feed, per array, the UTF-8 JSON
 ``[name, dtype.str, shape]`` (``name`` is ``""`` for model weights) and then the array's
@@ -61,7 +67,7 @@ from laplace_tf.laplace import DiagonalLaplace
 from laplace_tf.likelihoods import LIKELIHOODS
 
 FORMAT = "laplace_tf.DiagonalLaplace"
-VERSION = 1
+VERSION = 2
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -151,18 +157,19 @@ def load(path: str | os.PathLike, model: keras.Model) -> DiagonalLaplace:
         raise FileNotFoundError(f"{path!r} is not a file.")
     metadata, arrays = _read(path)
     try:
-        _check_model(path, model, metadata["fingerprint"])
+        _check_model(path, model, metadata["fingerprint"], metadata["version"])
         return _restore(model, metadata, arrays)
     except (KeyError, TypeError, IndexError) as error:
         raise ValueError(f"{path!r} has malformed metadata ({error!r}).") from error
 
 
-def _check_model(path: str, model: keras.Model, fingerprint: dict[str, str]) -> None:
+def _check_model(path: str, model: keras.Model, fingerprint: dict[str, str], version: int) -> None:
     """Refuse a model whose architecture or weights differ from the fitted one."""
-    if architecture_fingerprint(model) != fingerprint["architecture"]:
+    architecture = architecture_fingerprint if version >= 2 else _architecture_fingerprint_v1
+    if architecture(model) != fingerprint["architecture"]:
         raise ValueError(
             f"{path!r} was fitted on a model with a different architecture (layers, "
-            "configuration, layer names or weight shapes differ). Load it with the model "
+            "configuration or weight shapes differ). Load it with the model "
             "it was fitted on, e.g. one saved with model.save() and reloaded with "
             "keras.models.load_model()."
         )
@@ -178,22 +185,54 @@ def architecture_fingerprint(model: keras.Model) -> str:
     """sha256 of a canonical JSON description of ``model``'s architecture.
 
     The description holds the model's class, ``model.get_config()`` (``None`` for a
-    subclassed model that cannot give one), the class and name of every nested layer,
-    and the path, shape and dtype of every weight. Layer names are part of it.
+    subclassed model that cannot give one), the class of every nested layer with the
+    name, shape and dtype of each weight it owns, and the shape and dtype of every
+    weight of the model in order. It leaves out what Keras regenerates when a model is
+    reloaded: weight paths (``sequential/dense/kernel`` becomes ``dense/kernel``) and
+    the automatic names of the layers of a subclassed model. The layer names of a
+    Functional or Sequential model are part of its configuration, so they still count.
     """
-    try:
-        config = model.get_config()
-    except NotImplementedError:
-        config = None
     description = {
         "class": _qualified_name(type(model)),
-        "config": config,
+        "config": _config(model),
+        "layers": [
+            [
+                _qualified_name(type(layer)),
+                [
+                    [v.name, [int(d) for d in v.shape], str(v.dtype)]
+                    for v in (*layer._trainable_variables, *layer._non_trainable_variables)
+                ],
+            ]
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+        ],
+        "weights": [[[int(d) for d in v.shape], str(v.dtype)] for v in model.weights],
+    }
+    return _digest_json(description)
+
+
+def _architecture_fingerprint_v1(model: keras.Model) -> str:
+    """The fingerprint of format version 1, which included weight paths and layer names;
+    kept to check the files written in that version."""
+    description = {
+        "class": _qualified_name(type(model)),
+        "config": _config(model),
         "layers": [
             [_qualified_name(type(layer)), layer.name]
             for layer in model._flatten_layers(include_self=False, recursive=True)
         ],
         "weights": _describe(model.weights),
     }
+    return _digest_json(description)
+
+
+def _config(model: keras.Model) -> Any:
+    try:
+        return model.get_config()
+    except NotImplementedError:
+        return None
+
+
+def _digest_json(description: dict[str, Any]) -> str:
     text = json.dumps(description, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -284,7 +323,7 @@ def _restore(
         sigma_noise=metadata["sigma_noise"],
         temperature=metadata["temperature"],
     )
-    if _describe(la.variables) != metadata["weights"]:
+    if _shapes(_describe(la.variables)) != _shapes(metadata["weights"]):
         raise ValueError(
             f"the selected weights differ from the fitted ones: file has "
             f"{metadata['weights']}, model gives {_describe(la.variables)}."
@@ -342,6 +381,11 @@ def _describe(variables: list) -> list[dict[str, Any]]:
         {"name": v.path, "shape": [int(d) for d in v.shape], "dtype": str(v.dtype)}
         for v in variables
     ]
+
+
+def _shapes(described: list[dict[str, Any]]) -> list[tuple]:
+    """Shapes and dtypes of described weights; their names are paths Keras may regenerate."""
+    return [(tuple(d["shape"]), d["dtype"]) for d in described]
 
 
 def _constant_value(arrays: list[np.ndarray]) -> float | None:
