@@ -1,0 +1,10 @@
+"""The Laplace posterior core and its structures (diagonal, Kronecker-factored, full)."""
+
+from laplace_tf.posterior.core import STRUCTURES, Laplace
+from laplace_tf.posterior.diagonal import Diagonal
+from laplace_tf.posterior.full import Full
+from laplace_tf.posterior.kron import Kron
+from laplace_tf.posterior.record import FitRecord
+from laplace_tf.posterior.structure import Scaling, Structure
+
+__all__ = ["STRUCTURES", "Diagonal", "FitRecord", "Full", "Kron", "Laplace", "Scaling", "Structure"]

@@ -1,0 +1,598 @@
+"""``Laplace``: a Gaussian posterior over a trained model's weights, in one of three structures.
+
+Posterior ``N(theta_MAP, (H / T + delta)^{-1})`` with ``H`` the curvature (GGN, Fisher,
+empirical Fisher or Hessian) of the summed negative log-likelihood over the selected
+weights, ``T`` the temperature and ``delta`` the prior precision. The structure of
+``H`` is an independent choice: ``"diag"`` (its diagonal), ``"kron"`` (Kronecker factors
+per layer, KFLR / KFAC) or ``"full"`` (the exact matrix). Definitions follow Laplace Redux
+(Daxberger et al., 2021) and laplace-torch, so numbers agree on identical weights, data
+and curvature.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from laplace_tf import tuning
+from laplace_tf._checks import positive_float, positive_int, resolve_seed, unwrap_variable
+from laplace_tf._data import DEFAULT_BATCH_SIZE
+from laplace_tf._validation import check_output_activation
+from laplace_tf.curvature.structured import KINDS
+from laplace_tf.likelihoods import BUILT_IN, LIKELIHOODS, Likelihood, get_likelihood
+from laplace_tf.posterior import prediction
+from laplace_tf.posterior.diagonal import Diagonal
+from laplace_tf.posterior.full import DEFAULT_SIZE_LIMIT, Full, check_size
+from laplace_tf.posterior.kron import Kron
+from laplace_tf.posterior.record import FitRecord
+from laplace_tf.posterior.structure import Scaling, as_dtype, per_weight_prior_refused
+from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
+from laplace_tf.selection import prior_mean_list, select_groups
+
+tfd = tfp.distributions
+
+#: The posterior structures, by name.
+STRUCTURES = {"diag": Diagonal, "kron": Kron, "full": Full}
+
+
+class Laplace:
+    """Laplace approximation of the posterior over a trained Keras model's weights.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A trained, built model with one output ``[N, C]`` (logits, one logit for
+        ``"binary"``, or the mean for ``"regression"``). It is never modified. A model
+        whose last layer applies softmax (sigmoid for ``"binary"``) is refused.
+    likelihood : {"classification", "binary", "regression"} or Likelihood
+    structure : {"diag", "kron", "full"}
+        ``"diag"``: the curvature diagonal. ``"kron"``: ``A (x) B`` per Dense / Conv
+        kernel, an exact block per bias, the diagonal for other weights (see
+        :mod:`laplace_tf.posterior.kron`). ``"full"``: the exact ``P x P`` matrix; refused
+        above ``full_size_limit`` selected weights.
+    subset : "all", "last_layer" or list of str
+        Weights that get a posterior (see :func:`laplace_tf.selection.select_groups`);
+        the others stay at their trained values.
+    curvature : {"ggn", "ggn_mc", "ef", "hessian"}
+        Curvature kind, see :func:`laplace_tf.curvature.diagonal`. ``"hessian"`` with
+        ``"kron"`` / ``"full"`` needs a piecewise-linear model (where it is the GGN).
+    prior_precision : float, list of float, or list of arrays
+        ``delta``: a scalar, one value per selected layer, or one array per selected
+        weight (``"diag"`` and ``"full"`` only). Positive.
+    prior_mean : float or list of arrays
+        Mean of the Gaussian prior (used in the marginal likelihood). Finite.
+    sigma_noise : float
+        Observation noise of the ``"regression"`` likelihood.
+    temperature : float
+        ``T > 0``; the curvature and the log-likelihood are divided by it.
+    full_size_limit : int
+        Most selected weights ``structure="full"`` accepts.
+
+    Changing ``structure``, ``curvature``, ``likelihood`` or ``subset`` after ``fit``
+    makes every fitted quantity raise until ``fit`` is called again: the fit is never
+    mixed with another configuration.
+
+    Examples
+    --------
+    >>> la = Laplace(model, "classification", structure="kron")  # doctest: +SKIP
+    >>> la.fit((x_train, y_train)).optimize_prior_precision()     # doctest: +SKIP
+    >>> probs = la.predict(x_test)                                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        likelihood: str | Likelihood = "classification",
+        *,
+        structure: str = "diag",
+        subset: str | Sequence[str] = "all",
+        curvature: str = "ggn",
+        prior_precision: Any = 1.0,
+        prior_mean: Any = 0.0,
+        sigma_noise: float = 1.0,
+        temperature: float = 1.0,
+        full_size_limit: int = DEFAULT_SIZE_LIMIT,
+    ):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+        if not model.built:
+            raise ValueError("model is not built: call it on data (or build it) first.")
+        self.model = model
+        self._fit: FitRecord | None = None
+        self._full_size_limit = positive_int("full_size_limit", full_size_limit)
+        self.likelihood = likelihood
+        self.curvature = curvature
+        self._prior_precision_value, self._prior_mean_value = prior_precision, prior_mean
+        self._structure_cls = None
+        self.subset = subset
+        self.structure = structure
+        self.sigma_noise = sigma_noise
+        self.temperature = temperature
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def likelihood(self) -> str | Likelihood:
+        """The likelihood: a built-in name or a :class:`~laplace_tf.likelihoods.Likelihood`."""
+        return self._likelihood
+
+    @likelihood.setter
+    def likelihood(self, value: str | Likelihood) -> None:
+        if isinstance(value, Likelihood):
+            if value.name not in LIKELIHOODS:
+                raise ValueError(
+                    f"a Likelihood object needs a name among {', '.join(LIKELIHOODS)} (its "
+                    f"predictive and noise rules follow it); got {value.name!r}."
+                )
+        elif value not in LIKELIHOODS:
+            raise ValueError(
+                f"Unknown likelihood {value!r}; valid names are {', '.join(LIKELIHOODS)}."
+            )
+        check_output_activation(self.model, get_likelihood(value))
+        self._likelihood = value
+
+    @property
+    def likelihood_name(self) -> str:
+        """``"classification"``, ``"binary"`` or ``"regression"``."""
+        return self._likelihood if isinstance(self._likelihood, str) else self._likelihood.name
+
+    @property
+    def curvature(self) -> str:
+        """The curvature kind ``fit`` computes."""
+        return self._curvature_kind
+
+    @curvature.setter
+    def curvature(self, value: str) -> None:
+        if value not in KINDS:
+            raise ValueError(f"Unknown curvature {value!r}; valid kinds are {', '.join(KINDS)}.")
+        self._curvature_kind = value
+
+    @property
+    def subset(self) -> str | list[str]:
+        """The weight selection; setting it re-reads the prior for the new selection."""
+        return self._subset
+
+    @subset.setter
+    def subset(self, value: str | Sequence[str]) -> None:
+        groups = select_groups(self.model, value)
+        variables = [v for group in groups for v in group]
+        prior = PriorPrecision.from_value(self._prior_precision_value, groups)
+        prior_mean = _finite_prior_mean(self._prior_mean_value, variables)
+        if self._structure_cls is not None:
+            self._check_structure(self._structure_cls, variables, prior)
+        self._subset, self._groups, self.variables = value, groups, variables
+        self._prior, self._prior_mean = prior, prior_mean
+        self._nn_forward = None
+
+    @property
+    def structure(self) -> str:
+        """``"diag"``, ``"kron"`` or ``"full"``."""
+        return self._structure
+
+    @structure.setter
+    def structure(self, value: str) -> None:
+        structure_cls = STRUCTURES[prediction.check_choice("structure", value, tuple(STRUCTURES))]
+        self._check_structure(structure_cls, self.variables, self._prior)
+        self._structure, self._structure_cls = value, structure_cls
+
+    def _check_structure(self, structure_cls: type, variables: list, prior: PriorPrecision) -> None:
+        if structure_cls is Full:
+            check_size(variables, self._full_size_limit)
+        if prior.structure == "diag" and not structure_cls.per_weight_prior:
+            raise per_weight_prior_refused(structure_cls.name)
+
+    @property
+    def groups(self) -> list[list]:
+        """The selected weights grouped by layer (one prior value each when layerwise)."""
+        return [list(g) for g in self._groups]
+
+    @property
+    def prior(self) -> PriorPrecision:
+        """The validated prior precision."""
+        return self._prior
+
+    @property
+    def sigma_noise(self) -> float:
+        """Observation noise of the regression likelihood."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float) -> None:
+        self._sigma_noise = positive_float("sigma_noise", value)
+
+    @property
+    def temperature(self) -> float:
+        """``T > 0``: the curvature and the log-likelihood are divided by it."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = positive_float("temperature", value)
+
+    @property
+    def prior_precision(self) -> float | list:
+        """The prior precision: a float (scalar), a list of floats (layerwise) or arrays."""
+        return self._prior.value
+
+    @prior_precision.setter
+    def prior_precision(self, value: Any) -> None:
+        prior = PriorPrecision.from_value(value, self._groups)
+        if prior.structure == "diag" and not self._structure_cls.per_weight_prior:
+            raise per_weight_prior_refused(self._structure)
+        self._prior, self._prior_precision_value = prior, value
+
+    @property
+    def prior_mean(self) -> list[tf.Tensor]:
+        """The prior mean, one tensor per selected weight."""
+        return list(self._prior_mean)
+
+    @prior_mean.setter
+    def prior_mean(self, value: Any) -> None:
+        self._prior_mean = _finite_prior_mean(value, self.variables)
+        self._prior_mean_value = value
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def fit(
+        self,
+        data: Any,
+        *,
+        progress: Callable[[int], None] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        seed: int | None = None,
+    ) -> Laplace:
+        """Compute the curvature over ``data`` (one pass) and the MAP log-likelihood.
+
+        ``data`` is a ``tf.data.Dataset`` of ``(x, y)`` batches or an ``(x, y)`` tuple of
+        arrays (batched by ``batch_size``). ``progress(n)``, if given, is called after
+        each batch with the number of examples processed. For regression the curvature
+        is stored at unit noise and rescaled by ``sigma_noise``, so the noise can be
+        tuned later. ``seed`` fixes the pseudo-labels of ``curvature="ggn_mc"`` (same
+        seed, same fit; ``None`` draws a fresh one). Returns ``self``. A failure leaves
+        both the model and any previous fit untouched.
+
+        Every batch is checked before use: NaN / Inf in inputs or targets, labels that
+        are not integers in ``[0, C)`` (classification) or not 0 / 1 (binary), and
+        targets whose shape does not match the outputs raise ``ValueError`` naming the
+        batch and the example's index in the data. With ``curvature="hessian"`` on a
+        non-convex loss, negative diagonal entries are set to 0 with a warning (the
+        posterior precision never drops below the prior's). A model built under a
+        ``tf.distribute`` strategy is fitted across its replicas.
+        """
+        likelihood = (
+            get_likelihood(self.likelihood_name, sigma_noise=1.0)
+            if isinstance(self.likelihood, str) or type(self.likelihood) in BUILT_IN
+            else self.likelihood
+        )
+        fitted, summary = self._structure_cls.fit(
+            self.model,
+            data,
+            likelihood=likelihood,
+            kind=self.curvature,
+            variables=self.variables,
+            batch_size=batch_size,
+            progress=progress,
+            seed=seed,
+        )
+        loss = summary.nll
+        if self.likelihood_name == "regression":  # keep half the squared error
+            loss -= summary.n_data * summary.n_outputs * math.log(2 * math.pi) / 2
+        self._fit = FitRecord(
+            structure=fitted,
+            curvature=self.curvature,
+            likelihood=self._likelihood_id(),
+            subset=_frozen_subset(self.subset),
+            loss=loss,
+            n_data=summary.n_data,
+            n_outputs=summary.n_outputs,
+            mean=tuple(tf.identity(unwrap_variable(v)) for v in self.variables),
+        )
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether ``fit`` has run (the record may still disagree with the configuration)."""
+        return self._fit is not None
+
+    @property
+    def record(self) -> FitRecord:
+        """The fitted state; raises if unfitted or fitted with another configuration."""
+        if self._fit is None:
+            raise RuntimeError(
+                f"This {type(self).__name__} is not fitted yet: call fit(data) first."
+            )
+        changes = self._fit.changes(
+            {
+                "structure": self.structure,
+                "curvature": self.curvature,
+                "likelihood": self._likelihood_id(),
+                "subset": _frozen_subset(self.subset),
+            }
+        )
+        if changes:
+            raise RuntimeError(
+                f"This {type(self).__name__} was fitted with {', '.join(changes)}: call "
+                "fit(data) again (or restore the setting) before using it."
+            )
+        return self._fit
+
+    def _likelihood_id(self) -> Any:
+        """Built-in likelihoods compare by name, other objects by identity."""
+        if isinstance(self.likelihood, str) or type(self.likelihood) in BUILT_IN:
+            return self.likelihood_name
+        return self.likelihood
+
+    def _scaling(self, sigma_noise: Any) -> Scaling:
+        if self.likelihood_name != "regression":
+            return Scaling(None, 2, self.temperature)
+        return Scaling(
+            self._sigma(sigma_noise), 4 if self.curvature == "ef" else 2, self.temperature
+        )
+
+    def _sigma(self, sigma_noise: Any) -> Any:
+        if sigma_noise is None:
+            return self.sigma_noise
+        if isinstance(sigma_noise, tf.Tensor | tf.Variable):
+            return sigma_noise
+        return positive_float("sigma_noise", sigma_noise)
+
+    @property
+    def n_data(self) -> int:
+        """Number of training examples seen by ``fit``."""
+        return self.record.n_data
+
+    @property
+    def mean(self) -> list[tf.Tensor]:
+        """The MAP weights (posterior mean) captured by ``fit``."""
+        return list(self.record.mean)
+
+    def curvature_diagonal(self, sigma_noise: Any = None) -> list[tf.Tensor]:
+        """The curvature ``h`` of the summed NLL at ``sigma_noise`` (before temperature);
+        ``structure="diag"`` only."""
+        structure = self.record.structure
+        if not isinstance(structure, Diagonal):
+            raise ValueError(
+                f"curvature_diagonal is defined for structure='diag', not {self.structure!r}."
+            )
+        return structure.scaled(self._scaling(sigma_noise))
+
+    # -- posterior -------------------------------------------------------------------------
+
+    @property
+    def posterior_precision(self) -> Any:
+        """``H / T + delta``: per weight (diag), a block-diagonal ``LinearOperator`` over the
+        flattened weights (kron) or a ``[P, P]`` matrix (full)."""
+        return self.record.structure.precision(self._prior.per_weight(), self._scaling(None))
+
+    @property
+    def posterior_variance(self) -> list[tf.Tensor]:
+        """Marginal posterior variances, shaped like the selected weights."""
+        return self.record.structure.variance(self._prior.per_weight(), self._scaling(None))
+
+    @property
+    def posterior_stddev(self) -> list[tf.Tensor]:
+        """Marginal posterior standard deviations, shaped like the selected weights."""
+        structure = self.record.structure
+        if isinstance(structure, Diagonal):
+            return structure.stddev(self._prior.per_weight(), self._scaling(None))
+        return [tf.sqrt(v) for v in self.posterior_variance]
+
+    @property
+    def posterior(self) -> tfd.Distribution:
+        """The posterior as a TFP distribution: a joint over the selected weights (a list)
+        for ``"diag"``, a multivariate normal over the flattened, concatenated weights
+        (row-major, in order) for ``"kron"`` and ``"full"``."""
+        return self.record.structure.distribution(
+            self.mean, self._prior.per_weight(), self._scaling(None)
+        )
+
+    def sample(self, n: int, *, seed: int | None = None) -> list[tf.Tensor]:
+        """``n`` posterior draws: a list of ``[n, *shape]`` tensors. Same seed, same draws."""
+        positive_int("n", n)
+        seed = resolve_seed(seed)
+        seeds = [tf.constant([seed, i], tf.int64) for i in range(len(self.variables))]
+        return [m + d for m, d in zip(self.mean, self.weight_deviations(seeds, [n]), strict=True)]
+
+    def weight_deviations(self, seeds: Sequence[tf.Tensor], shape: list[int]) -> list[tf.Tensor]:
+        """Zero-mean posterior draws ``[*shape, *weight.shape]``, one stateless seed per weight."""
+        return self.record.structure.sample(
+            seeds, shape, self._prior.per_weight(), self._scaling(None)
+        )
+
+    # -- marginal likelihood ---------------------------------------------------------------
+
+    def log_likelihood(self, sigma_noise: Any = None) -> tf.Tensor:
+        """Log-likelihood of the training data at the MAP, divided by the temperature."""
+        record = self.record
+        loss = tf.constant(record.loss, tf.float64)
+        if self.likelihood_name != "regression":
+            return -loss / self.temperature
+        sigma = as_dtype(self._sigma(sigma_noise), tf.float64)
+        count = record.n_data * record.n_outputs
+        return -loss / (sigma**2 * self.temperature) - count * tf.math.log(
+            sigma * math.sqrt(2 * math.pi)
+        )
+
+    def log_marginal_likelihood(self, prior_precision: Any = None, sigma_noise: Any = None):
+        """Laplace estimate of ``log p(D)``, differentiable in both arguments.
+
+        ``log p(D | theta) - 1/2 [log det(H/T + delta) - sum log delta
+        + sum delta (theta - mu_0)^2]`` over the selected weights (the other weights
+        are held fixed), in float64. Arguments default to the current values; tensors
+        (e.g. variables being optimised) are accepted.
+        """
+        record = self.record
+        prior = (
+            self._prior.per_weight()
+            if prior_precision is None
+            else PriorPrecision.expand(prior_precision, self._groups)
+        )
+        log_det = record.structure.log_det(prior, self._scaling(sigma_noise))
+        prior_log_det, scatter = 0.0, 0.0
+        for p, theta, mu in zip(prior, record.mean, self._prior_mean, strict=True):
+            p = tf.broadcast_to(tf.cast(p, tf.float64), theta.shape)
+            prior_log_det += tf.reduce_sum(tf.math.log(p))
+            scatter += tf.reduce_sum(p * tf.square(tf.cast(theta - mu, tf.float64)))
+        return self.log_likelihood(sigma_noise) - 0.5 * (log_det - prior_log_det + scatter)
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        *,
+        prior_structure: str = "scalar",
+        val_data: tuple | None = None,
+        grid: Sequence[float] | None = None,
+        metric: Callable[[Any, Any], float] | None = None,
+        optimize_sigma_noise: bool = False,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        seed: int | None = None,
+    ) -> Laplace:
+        """Tune the prior precision; returns ``self``.
+
+        ``method="marglik"`` maximises :meth:`log_marginal_likelihood` over the log prior
+        precision with the given ``prior_structure`` ("scalar", "layerwise", or "diag"
+        per weight, which ``structure="kron"`` refuses) by L-BFGS-B (and over
+        ``sigma_noise`` for regression if ``optimize_sigma_noise``), on the log evidence
+        per example in float64; a ``RuntimeWarning`` says when it stops away from a
+        stationary point. ``method="gridsearch"`` picks, from ``grid`` (default
+        ``logspace(-4, 4, 21)``) of scalar values, the one that minimises
+        ``metric(predictions, y)`` on ``val_data = (x, y)`` (default: the NLL of the
+        predictive). Sampled predictives (``pred_type="nn"``, ``link_approx="mc"``) use
+        the same ``seed`` for every grid value, so the values are compared on the same
+        draws.
+        """
+        _ = self.record  # unfitted or stale: raise before anything else
+        if prior_structure not in PRIOR_STRUCTURES:
+            raise ValueError(
+                f"Unknown prior_structure {prior_structure!r}; "
+                f"valid: {', '.join(PRIOR_STRUCTURES)}."
+            )
+        if method == "marglik":
+            if prior_structure == "diag" and not self._structure_cls.per_weight_prior:
+                raise per_weight_prior_refused(self.structure)
+            if optimize_sigma_noise and self.likelihood_name != "regression":
+                raise ValueError("optimize_sigma_noise applies to the regression likelihood only.")
+            tuning.optimize_marglik(self, prior_structure, optimize_sigma_noise)
+        elif method == "gridsearch":
+            if prior_structure != "scalar":
+                raise ValueError("gridsearch tunes a scalar prior precision only.")
+            if val_data is None:
+                raise ValueError("gridsearch needs val_data=(x_val, y_val).")
+            tuning.gridsearch(
+                self, val_data, grid, metric, pred_type, link_approx, resolve_seed(seed)
+            )
+        else:
+            raise ValueError(f"Unknown method {method!r}; valid methods are marglik, gridsearch.")
+        return self
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted posterior to ``path`` (one ``.npz`` file, replaced atomically).
+
+        The model is not included: save it with ``model.save``. See
+        :mod:`laplace_tf.serialization` for the format.
+        """
+        from laplace_tf import serialization
+
+        serialization.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: keras.Model) -> Laplace:
+        """Read a posterior written by :meth:`save` and attach it to ``model``.
+
+        ``model`` must have the architecture and weights it was fitted on; it is not
+        modified. A file of another structure than ``cls`` fixes is refused.
+        """
+        from laplace_tf import serialization
+
+        return serialization.load(path, model, cls=cls)
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def predict(
+        self,
+        x: Any,
+        *,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        seed: int | None = None,
+        include_noise: bool = True,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
+        """Posterior predictive at inputs ``x``.
+
+        Classification: probabilities ``[N, C]``; binary: ``[N, 1]``; regression:
+        ``(mean, variance)``, each ``[N, D]``, where the variance is the functional
+        variance plus ``sigma_noise**2`` (``include_noise=False`` gives the functional
+        part alone).
+
+        ``pred_type="glm"`` linearises the network at the MAP: outputs are Gaussian with
+        covariance ``J Sigma J^T`` per example (from the layer rules in the structure's
+        form, never a ``[N, C, P]`` Jacobian for "diag" and "kron") and ``link_approx``
+        ("probit", "bridge" or "mc") maps them to probabilities. ``pred_type="nn"``
+        averages the real network over ``n_samples`` weight draws.
+        """
+        return prediction.predict(
+            self,
+            x,
+            pred_type=pred_type,
+            link_approx=link_approx,
+            n_samples=n_samples,
+            seed=seed,
+            include_noise=include_noise,
+            batch_size=batch_size,
+        )
+
+    def _glm(self, x: Any, batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """Outputs ``f(x)`` and the GLM output covariance per example."""
+        return self.record.structure.glm_moments(
+            self.model,
+            x,
+            self.variables,
+            self._prior.per_weight(),
+            self._scaling(None),
+            batch_size,
+        )
+
+    def predictive_samples(
+        self,
+        x: Any,
+        n_samples: int,
+        *,
+        pred_type: str = "nn",
+        seed: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> tf.Tensor:
+        """``[n_samples, N, C]`` draws of the predictive: probabilities for classification
+        and binary, outputs ``f`` for regression (without observation noise).
+
+        ``"nn"`` evaluates the real network at posterior weight draws (functionally: the
+        model's own weights are never assigned); ``"glm"`` draws outputs from the
+        linearised model's Gaussian. The same ``seed`` gives the same draws; the weight
+        draws of ``"nn"`` come from their own random stream, so they match those of
+        :meth:`sample` with that seed in distribution, not one for one.
+        """
+        return prediction.predictive_samples(
+            self, x, n_samples, pred_type=pred_type, seed=seed, batch_size=batch_size
+        )
+
+
+def _frozen_subset(subset: str | Sequence[str]) -> str | tuple[str, ...]:
+    return subset if isinstance(subset, str) else tuple(subset)
+
+
+def _finite_prior_mean(value: Any, variables: list) -> list[tf.Tensor]:
+    means = prior_mean_list(value, variables)
+    if not all(bool(np.all(np.isfinite(m.numpy()))) for m in means):
+        raise ValueError("prior_mean must be finite.")
+    return means

@@ -1,0 +1,172 @@
+"""The full structure: the exact ``P x P`` curvature of the selected weights, Cholesky-factored.
+
+The posterior precision ``G / (sigma^q T) + diag(delta)`` over the weights flattened
+row-major and concatenated in order (a per-weight prior precision is its diagonal) is
+factored as ``L L^T``; the log-determinant is ``2 sum log diag L``, draws are
+``L^{-T} z`` and the GLM output covariance ``||L^{-1} J_n^T||^2``. Meant for the last
+layer or small models: memory ``P^2`` and time ``P^3`` (see :data:`DEFAULT_SIZE_LIMIT`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from laplace_tf.curvature import reducers
+from laplace_tf.posterior.structure import FitSummary, Scaling, flat_mean
+
+tfd = tfp.distributions
+_Op = tf.linalg
+
+#: Largest number of selected weights the full structure accepts by default.
+DEFAULT_SIZE_LIMIT = 20_000
+
+
+def check_size(variables: list, limit: int) -> None:
+    """Refuse more than ``limit`` selected weights, naming the alternatives."""
+    size = sum(v.shape.num_elements() for v in variables)
+    if size > limit:
+        raise ValueError(
+            f"structure='full' stores a {size} x {size} matrix for the {size} selected "
+            f"weights, above full_size_limit={limit}. Use structure='kron' or 'diag', or "
+            "subset='last_layer' (or a list of layer names), or raise full_size_limit."
+        )
+
+
+@dataclass(frozen=True)
+class Full:
+    """The ``P x P`` curvature (float64) and the shapes / dtypes of the weights it covers."""
+
+    curvature: tf.Tensor
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[tf.DType, ...]
+    per_weight_prior: ClassVar[bool] = True
+    name: ClassVar[str] = "full"
+
+    @classmethod
+    def fit(
+        cls,
+        model: keras.Model,
+        data: Any,
+        *,
+        likelihood: Any,
+        kind: str,
+        variables: list,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+        seed: int | None,
+    ) -> tuple[Full, FitSummary]:
+        """The full Gram (:func:`~laplace_tf.curvature.reducers.fit_full`)."""
+        fitted = reducers.fit_full(
+            model,
+            data,
+            likelihood=likelihood,
+            kind=kind,
+            params=variables,
+            batch_size=batch_size,
+            progress=progress,
+            seed=seed,
+        )
+        structure = cls(
+            fitted.curvature,
+            tuple(tuple(v.shape) for v in variables),
+            tuple(v.dtype for v in variables),
+        )
+        return structure, FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs)
+
+    def precision(self, prior: list[tf.Tensor], scaling: Scaling) -> tf.Tensor:
+        """``G / (sigma^q T) + diag(delta)``, ``[P, P]`` float64."""
+        delta = tf.concat(
+            [
+                tf.reshape(tf.broadcast_to(tf.cast(p, tf.float64), shape), [-1])
+                for p, shape in zip(prior, self.shapes, strict=True)
+            ],
+            axis=0,
+        )
+        return scaling.apply(self.curvature) + tf.linalg.diag(delta)
+
+    def cholesky(self, prior: list[tf.Tensor], scaling: Scaling) -> tf.Tensor:
+        """``L`` with ``L L^T`` the posterior precision."""
+        return tf.linalg.cholesky(self.precision(prior, scaling))
+
+    def log_det(self, prior: list[tf.Tensor], scaling: Scaling) -> tf.Tensor:
+        diagonal = tf.linalg.diag_part(self.cholesky(prior, scaling))
+        return 2.0 * tf.reduce_sum(tf.math.log(diagonal))
+
+    def variance(self, prior: list[tf.Tensor], scaling: Scaling) -> list[tf.Tensor]:
+        """``diag(Sigma)``: column sums of the squared ``L^{-1}``."""
+        cholesky = self.cholesky(prior, scaling)
+        eye = tf.eye(tf.shape(cholesky)[0], dtype=cholesky.dtype)
+        inverse = tf.linalg.triangular_solve(cholesky, eye, lower=True)
+        return self._split(tf.reduce_sum(tf.square(inverse), axis=0), [])
+
+    def sample(
+        self, seeds: Sequence[tf.Tensor], shape: list[int], prior: list[tf.Tensor], scaling: Scaling
+    ) -> list[tf.Tensor]:
+        """``L^{-T} z`` with ``z ~ N(0, I)``; one stateless seed (the first) for all weights."""
+        cholesky = self.cholesky(prior, scaling)
+        size = cholesky.shape[0]
+        noise = tf.random.stateless_normal(
+            [size, int(np.prod(shape))], seed=seeds[0], dtype=tf.float64
+        )
+        draws = tf.linalg.triangular_solve(cholesky, noise, lower=True, adjoint=True)
+        return self._split(tf.reshape(tf.transpose(draws), [*shape, size]), shape)
+
+    def _split(self, flat: tf.Tensor, shape: list[int]) -> list[tf.Tensor]:
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        parts = tf.split(flat, sizes, axis=-1)
+        return [
+            tf.cast(tf.reshape(p, [*shape, *s]), d)
+            for p, s, d in zip(parts, self.shapes, self.dtypes, strict=True)
+        ]
+
+    def glm_moments(
+        self,
+        model: keras.Model,
+        x: Any,
+        variables: list,
+        prior: list[tf.Tensor],
+        scaling: Scaling,
+        batch_size: int,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        cholesky = self.cholesky(prior, scaling)
+        return reducers.full_glm_moments(
+            model, x, cholesky, params=variables, batch_size=batch_size
+        )
+
+    def distribution(
+        self, mean: list[tf.Tensor], prior: list[tf.Tensor], scaling: Scaling
+    ) -> tfd.Distribution:
+        """A ``MultivariateNormalLinearOperator`` over the flattened weights, scale ``L^{-T}``."""
+        loc = flat_mean(mean)
+        cholesky = _Op.LinearOperatorLowerTriangular(
+            tf.cast(self.cholesky(prior, scaling), loc.dtype), is_non_singular=True
+        )
+        scale = _Op.LinearOperatorInversion(cholesky.adjoint())
+        return tfd.MultivariateNormalLinearOperator(loc, scale)
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``curvature``: the ``P x P`` matrix (float64)."""
+        return {"curvature": self.curvature.numpy()}, {}
+
+    @classmethod
+    def from_state(
+        cls, arrays: dict[str, np.ndarray], metadata: dict[str, Any], variables: list
+    ) -> Full:
+        size = sum(v.shape.num_elements() for v in variables)
+        curvature = arrays["curvature"]
+        if curvature.shape != (size, size):
+            raise ValueError(
+                f"the stored curvature is {curvature.shape}, expected ({size}, {size})."
+            )
+        return cls(
+            tf.constant(curvature),
+            tuple(tuple(v.shape) for v in variables),
+            tuple(v.dtype for v in variables),
+        )

@@ -1,0 +1,152 @@
+"""Predictive distributions of a fitted :class:`~laplace_tf.Laplace`, for every structure.
+
+The GLM (linearised) predictive takes each example's output covariance from the
+structure (:meth:`Structure.glm_moments`) and maps it through a link approximation of
+:mod:`laplace_tf.predictive`; the NN predictive evaluates the real network at weight
+draws of the structure, through ``stateless_call`` (the model's weights are never
+assigned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import keras
+import tensorflow as tf
+
+from laplace_tf import predictive
+from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
+from laplace_tf._data import batched
+from laplace_tf._validation import check_finite_inputs
+
+if TYPE_CHECKING:
+    from laplace_tf.posterior.core import Laplace
+
+PRED_TYPES = ("glm", "nn")
+
+
+def predict(
+    la: Laplace,
+    x: Any,
+    *,
+    pred_type: str,
+    link_approx: str,
+    n_samples: int,
+    seed: int | None,
+    include_noise: bool,
+    batch_size: int,
+):
+    """:meth:`Laplace.predict`."""
+    _ = la.record
+    check_choice("pred_type", pred_type, PRED_TYPES)
+    check_choice("link_approx", link_approx, predictive.LINK_APPROXIMATIONS)
+    check_finite_inputs(x)
+    regression = la.likelihood_name == "regression"
+    noise = la.sigma_noise**2 if include_noise else 0.0
+    if pred_type == "nn":
+        samples = predictive_samples(
+            la, x, n_samples, pred_type="nn", seed=seed, batch_size=batch_size
+        )
+        mean = tf.reduce_mean(samples, axis=0)
+        if not regression:
+            return mean
+        return mean, tf.math.reduce_variance(samples, axis=0) + noise
+    mean, covariance = la._glm(x, batch_size)
+    if regression:
+        return mean, tf.linalg.diag_part(covariance) + noise
+    binary = la.likelihood_name == "binary"
+    if link_approx == "probit":
+        return predictive.probit(mean, covariance, binary=binary)
+    if link_approx == "bridge":
+        if binary:
+            raise ValueError("link_approx='bridge' needs two or more classes; use probit or mc.")
+        return predictive.bridge(mean, covariance)
+    return predictive.monte_carlo(
+        mean,
+        covariance,
+        n_samples=positive_int("n_samples", n_samples),
+        seed=[resolve_seed(seed), 0],
+        binary=binary,
+    )
+
+
+def predictive_samples(
+    la: Laplace,
+    x: Any,
+    n_samples: int,
+    *,
+    pred_type: str,
+    seed: int | None,
+    batch_size: int,
+) -> tf.Tensor:
+    """:meth:`Laplace.predictive_samples`."""
+    _ = la.record
+    check_choice("pred_type", pred_type, PRED_TYPES)
+    n_samples = positive_int("n_samples", n_samples)
+    check_finite_inputs(x)
+    seed = resolve_seed(seed)
+    if pred_type == "glm":
+        mean, covariance = la._glm(x, batch_size)
+        jitter = predictive._jitter(covariance) * tf.eye(tf.shape(mean)[-1], dtype=mean.dtype)
+        factor = tf.linalg.cholesky(covariance + jitter)
+        noise = tf.random.stateless_normal(
+            tf.concat([[n_samples], tf.shape(mean)], 0), seed=[seed, 1], dtype=mean.dtype
+        )
+        outputs = mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
+    else:
+        outputs = sampled_outputs(la, x, n_samples, seed, batch_size)
+    return link(la.likelihood_name, outputs)
+
+
+def link(likelihood: str, outputs: tf.Tensor) -> tf.Tensor:
+    """Probabilities (softmax / sigmoid) from outputs; regression outputs unchanged."""
+    if likelihood == "classification":
+        return tf.nn.softmax(outputs, axis=-1)
+    if likelihood == "binary":
+        return tf.sigmoid(outputs)
+    return outputs
+
+
+def sampled_outputs(la: Laplace, x: Any, n_samples: int, seed: int, batch_size: int) -> tf.Tensor:
+    """Network outputs ``[S, N, C]`` at ``S`` weight draws, one draw in memory at a time.
+
+    Draw ``s`` of weight ``i`` uses the stateless seed ``fold_in((seed, s), i)``.
+    """
+    if la._nn_forward is None:
+        la._nn_forward = stateless_forward(la.model, la.variables)
+    mean = la.mean
+    batches = list(batched(x, batch_size))
+    outputs = []
+    for s in range(n_samples):
+        draw_seed = tf.constant([seed, s], tf.int64)
+        seeds = [tf.random.experimental.stateless_fold_in(draw_seed, i) for i in range(len(mean))]
+        values = [m + d for m, d in zip(mean, la.weight_deviations(seeds, []), strict=True)]
+        outputs.append(tf.concat([la._nn_forward(values, b) for b in batches], axis=0))
+    return tf.stack(outputs)
+
+
+def stateless_forward(model: keras.Model, variables: list):
+    """``(values, x) -> f(x; theta)`` with the selected weights set to ``values`` and the
+    others at their current values, evaluated with ``stateless_call``."""
+    selected = {id(v): i for i, v in enumerate(variables)}
+    positions = [selected.get(id(v)) for v in model.trainable_variables]
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def forward(values, x):
+        trainable = [
+            unwrap_variable(v) if i is None else values[i]
+            for v, i in zip(model.trainable_variables, positions, strict=True)
+        ]
+        non_trainable = [unwrap_variable(v) for v in model.non_trainable_variables]
+        outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        return outputs
+
+    return forward
+
+
+def check_choice(name: str, value: str, valid: Sequence[str]) -> str:
+    """``value``, or a ValueError listing the ``valid`` values of ``name``."""
+    if value not in valid:
+        raise ValueError(f"Unknown {name} {value!r}; valid values are {', '.join(valid)}.")
+    return value
