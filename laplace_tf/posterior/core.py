@@ -105,7 +105,7 @@ class Laplace:
         if not model.built:
             raise ValueError("model is not built: call it on data (or build it) first.")
         self.model = model
-        self._fit: FitRecord | None = None
+        self._record: FitRecord | None = None
         self._full_size_limit = positive_int("full_size_limit", full_size_limit)
         self.likelihood = likelihood
         self.curvature = curvature
@@ -284,7 +284,7 @@ class Laplace:
         loss = summary.nll
         if self.likelihood_name == "regression":  # keep half the squared error
             loss -= summary.n_data * summary.n_outputs * math.log(2 * math.pi) / 2
-        self._fit = FitRecord(
+        self._record = FitRecord(
             structure=fitted,
             curvature=self.curvature,
             likelihood=self._likelihood_id(),
@@ -299,16 +299,16 @@ class Laplace:
     @property
     def is_fitted(self) -> bool:
         """Whether ``fit`` has run (the record may still disagree with the configuration)."""
-        return self._fit is not None
+        return self._record is not None
 
     @property
     def record(self) -> FitRecord:
         """The fitted state; raises if unfitted or fitted with another configuration."""
-        if self._fit is None:
+        if self._record is None:
             raise RuntimeError(
                 f"This {type(self).__name__} is not fitted yet: call fit(data) first."
             )
-        changes = self._fit.changes(
+        changes = self._record.changes(
             {
                 "structure": self.structure,
                 "curvature": self.curvature,
@@ -321,7 +321,7 @@ class Laplace:
                 f"This {type(self).__name__} was fitted with {', '.join(changes)}: call "
                 "fit(data) again (or restore the setting) before using it."
             )
-        return self._fit
+        return self._record
 
     def _likelihood_id(self) -> Any:
         """Built-in likelihoods compare by name, other objects by identity."""
