@@ -318,3 +318,20 @@ def test_last_layer_equals_all_weights_restricted_to_the_last_layer(structure):
         covariance = np.linalg.inv(np.asarray(getattr(precision, "to_dense", lambda: precision)()))
     _, glm = last._glm(x, 256)
     assert_close(glm, np.einsum("ncp,pq,ndq->ncd", jac, covariance, jac))
+
+
+# -- tuning ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_marglik_tuning_ends_at_a_stationary_point_and_gridsearch_runs(structure):
+    model = mlp()
+    x, y = data("classification")
+    la = Laplace(model, "classification", structure=structure).fit((x, y))
+    la.optimize_prior_precision(prior_structure="layerwise")
+    log_prior = tf.Variable(np.log(la.prior_precision))
+    with tf.GradientTape() as tape:
+        value = la.log_marginal_likelihood(tf.exp(log_prior))
+    assert np.abs(tape.gradient(value, log_prior).numpy()).max() < 1e-5 * N
+    la.optimize_prior_precision("gridsearch", val_data=(x, y), grid=[0.1, 1.0, 10.0])
+    assert la.prior_precision in (0.1, 1.0, 10.0)

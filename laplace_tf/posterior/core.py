@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 import numpy as np
@@ -85,6 +85,9 @@ class Laplace:
     >>> la.fit((x_train, y_train)).optimize_prior_precision()     # doctest: +SKIP
     >>> probs = la.predict(x_test)                                 # doctest: +SKIP
     """
+
+    #: The structure a subclass fixes (its constructor takes no ``structure``), or None.
+    fixed_structure: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -178,6 +181,11 @@ class Laplace:
 
     @structure.setter
     def structure(self, value: str) -> None:
+        if self.fixed_structure is not None and value != self.fixed_structure:
+            raise ValueError(
+                f"{type(self).__name__} has structure={self.fixed_structure!r}; use "
+                f"laplace_tf.Laplace(..., structure={value!r})."
+            )
         structure_cls = STRUCTURES[prediction.check_choice("structure", value, tuple(STRUCTURES))]
         self._check_structure(structure_cls, self.variables, self._prior)
         self._structure, self._structure_cls = value, structure_cls
@@ -187,6 +195,11 @@ class Laplace:
             check_size(variables, self._full_size_limit)
         if prior.structure == "diag" and not structure_cls.per_weight_prior:
             raise per_weight_prior_refused(structure_cls.name)
+
+    @property
+    def full_size_limit(self) -> int:
+        """Most selected weights ``structure="full"`` accepts."""
+        return self._full_size_limit
 
     @property
     def groups(self) -> list[list]:
@@ -506,15 +519,34 @@ class Laplace:
         serialization.save(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: keras.Model) -> Laplace:
+    def load(
+        cls, path: str | os.PathLike, model: keras.Model, *, structure: str | None = None
+    ) -> Laplace:
         """Read a posterior written by :meth:`save` and attach it to ``model``.
 
         ``model`` must have the architecture and weights it was fitted on; it is not
-        modified. A file of another structure than ``cls`` fixes is refused.
+        modified. The file's structure is used; if ``structure`` is given (or fixed by the
+        class, as :class:`~laplace_tf.DiagonalLaplace` fixes ``"diag"``), a file of
+        another structure is refused.
         """
         from laplace_tf import serialization
 
-        return serialization.load(path, model, cls=cls)
+        return serialization.load(path, model, cls=cls, structure=structure)
+
+    def restore(self, record: FitRecord) -> None:
+        """Install a fitted state read back by loading. It must have been computed with
+        this configuration and for weights of these shapes."""
+        if len(record.mean) != len(self.variables) or any(
+            tuple(m.shape) != tuple(v.shape)
+            for m, v in zip(record.mean, self.variables, strict=True)
+        ):
+            raise ValueError("the fitted state does not match the selected weights' shapes.")
+        previous, self._record = self._record, record
+        try:
+            _ = self.record  # refuses a record of another configuration
+        except RuntimeError:
+            self._record = previous
+            raise
 
     # -- prediction ------------------------------------------------------------------------
 
