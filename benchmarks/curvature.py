@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from models import CLASSES, gradient_epoch, mlp_784_256_256_10  # noqa: E402
 
-from laplace_tf.curvature import diagonal, layers  # noqa: E402
+from laplace_tf.curvature import diagonal, registry  # noqa: E402
 
 N, BATCH = 2048, 256
 METHODS = ("gradient", "ggn", "ggn_mc", "ef", "fallback")
@@ -64,12 +64,8 @@ def method_runner(model, data, method: str):
         # compiled step (cached per model) then always takes the generic path.
         original, model = model, keras.models.clone_model(model)
         model.set_weights(original.get_weights())
-        saved = layers.RULES
-        layers.RULES = ()
-        try:
+        with registry.rules_disabled():
             diagonal(model, data.take(1), likelihood="classification", kind="ggn")
-        finally:
-            layers.RULES = saved
     kind = "ggn" if method == "fallback" else method
 
     def run():

@@ -18,20 +18,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras import ops
+from oracles import assert_close, dense_jacobian, flat
 
 from laplace_tf.curvature import (
     KINDS,
     diagonal,
     is_piecewise_linear,
     output_covariance,
+    registry,
     structured,
     tracing,
 )
-from laplace_tf.curvature import layers as curvature_layers
 
 L = keras.layers
 N = 7
-RTOL = 1e-10
 SIGMA = 0.75
 LIKELIHOODS = ("classification", "binary", "regression")
 WIDTHS = {"classification": 3, "binary": 1, "regression": 2}
@@ -237,33 +237,8 @@ def _rows(x, start, stop):
 # ---------------------------------------------------------------------------------------
 
 
-def flat(tensors) -> np.ndarray:
-    return np.concatenate(
-        [np.asarray(tf.convert_to_tensor(t), np.float64).ravel() for t in tensors]
-    )
-
-
-def assert_close(got, expected, rtol=RTOL):
-    got, expected = np.asarray(got), np.asarray(expected)
-    assert got.shape == expected.shape
-    scale = np.abs(expected).max()
-    assert scale > 0, "degenerate reference"
-    error = np.abs(got - expected).max()
-    assert error <= rtol * scale, f"max abs error {error:.3e} vs scale {scale:.3e}"
-
-
 def assert_shaped_like(result, variables):
     assert [tuple(r.shape) for r in result] == [tuple(v.shape) for v in variables]
-
-
-def dense_jacobian(model, x, variables=None):
-    """Outputs ``[N, C]`` and per-example Jacobians ``[N, C, P]`` (params concatenated)."""
-    variables = list(model.trainable_variables if variables is None else variables)
-    with tf.GradientTape(persistent=True) as tape:
-        f = model(_tensors(x), training=False)
-    blocks = tape.jacobian(f, variables, experimental_use_pfor=False, unconnected_gradients="zero")
-    n, c = f.shape
-    return f.numpy(), np.concatenate([np.reshape(b.numpy(), (n, c, -1)) for b in blocks], -1)
 
 
 def _softmax(f):
@@ -392,7 +367,7 @@ def test_rules_match_fallback(name, monkeypatch):
     assert all(has_rule for _, has_rule in rule_sites)
 
     # Compiled steps are cached per model: drop the cache so the patched rules are seen.
-    monkeypatch.setattr(curvature_layers, "RULES", ())
+    monkeypatch.setattr(registry._REGISTRY, "builtin", {})
     monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
     fallback_sites = _site_summary(model, x)
     assert fallback_sites == [(layer, False) for layer, _ in rule_sites]  # per-layer fallback

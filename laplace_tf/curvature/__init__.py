@@ -1,6 +1,9 @@
 """Curvature engines: black-box Hessian diagonals and structured GGN / Fisher diagonals."""
 
+from laplace_tf.curvature import conv_rules, norm_rules  # noqa: F401  (register their rules)
+from laplace_tf.curvature.explain import explain
 from laplace_tf.curvature.hessian import hessian_diagonal, hutchinson_diagonal
+from laplace_tf.curvature.registry import Rule, register_rule, unregister_rule
 from laplace_tf.curvature.structured import (
     KINDS,
     diagonal,
@@ -10,9 +13,13 @@ from laplace_tf.curvature.structured import (
 
 __all__ = [
     "KINDS",
+    "Rule",
     "diagonal",
+    "explain",
     "hessian_diagonal",
     "hutchinson_diagonal",
     "is_piecewise_linear",
     "output_covariance",
+    "register_rule",
+    "unregister_rule",
 ]

@@ -5,14 +5,25 @@ cotangents ``delta[n, k] = J_z(x_n)^T s_{nk}`` the engine back-propagates for ev
 column ``k`` of the output-Hessian factor. The per-sample gradient of column ``k`` is then
 a cheap function of the layer input and ``delta``: for a Dense kernel the outer product
 ``x_n (x) delta_{nk}`` (BackPACK's trick). Rules return *factors* of those gradients and
-never materialise them for the large parameters; two consumers read every factor:
+never materialise them for the large parameters.
 
-- :func:`sum_squares`: ``sum_n sum_k g_{nk}^2`` (the curvature diagonal), and
-- :func:`weighted_gram`: ``sum_p w_p g_{nkp} g_{nlp}`` per example (the GLM predictive
-  covariance ``J diag(w) J^T``),
+The factor protocol, implemented by every factor:
 
-so fitting and prediction come from one place. Adding a layer type means adding one
-:class:`Rule` to :data:`RULES`.
+- ``variables``: the (keras) variables the factor covers;
+- ``sum_squares() -> list[tf.Tensor]``: ``sum_n sum_k g_{nk}^2``, shaped like each
+  variable (the curvature diagonal);
+- ``weighted_gram(weights) -> [N, K, K]``: ``sum_p w_p g_{nkp} g_{nlp}`` per example
+  (the GLM predictive covariance ``J diag(w) J^T``), ``weights`` shaped like
+  ``variables``;
+- ``dense_grads() -> list[tf.Tensor]``: the per-example gradients ``[N, K, *shape]`` of
+  each variable, for reducers that need more than the diagonal on small selections.
+  Required of factor classes beyond :class:`Outer`, :class:`Explicit`, :class:`Patches`,
+  :class:`Rows` and :class:`PerExample` (which reducers read by type).
+
+so fitting and prediction come from one place. Rules live in the registry
+(:mod:`registry`); this module holds the factors and the rules for Dense, EinsumDense,
+Conv1D / Conv2D, Embedding and the Layer / Batch normalisations; :mod:`conv_rules` and
+:mod:`norm_rules` hold the others.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import tensorflow as tf
 from keras import ops
 
 from laplace_tf._checks import unwrap_variable
+from laplace_tf.curvature.registry import Rule, register_builtin
+from laplace_tf.curvature.registry import rule_for as rule_for
 
 #: Upper bound on entries of per-example gradients materialised at once by the fallback.
 FALLBACK_CHUNK_ENTRIES = 2**24
@@ -102,10 +115,17 @@ class Patches(_OneVariable):
         return [tf.reshape(total, self.variable.shape)]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        """``<g_k, w g_l> = <d_k, p (w * g_l)>``: one column ``l`` at a time, so only
+        ``[N, Q, O]`` gradients exist at once (never ``[N, K, Q, O]``)."""
         (weight,) = weights
-        grads = tf.einsum("nlq,nklo->nkqo", self.patches, self.cotangents)
         weight = tf.reshape(weight, [self.patches.shape[-1], self.cotangents.shape[-1]])
-        return tf.einsum("nkqo,nlqo,qo->nkl", grads, grads, weight)
+        weight = tf.cast(weight, self.patches.dtype)
+
+        def column(k):
+            back = tf.matmul(self.patches, self._column(k) * weight)  # [N, L, O]
+            return tf.einsum("nklo,nlo->nk", self.cotangents, back)
+
+        return columns_gram(column, self.cotangents)
 
 
 @dataclass(frozen=True)
@@ -224,6 +244,16 @@ class PerExample:
         return self._reduce(append, initial, tf.TensorShape([None, None, None]))
 
 
+def columns_gram(column: Callable[[tf.Tensor], tf.Tensor], cotangents: tf.Tensor) -> tf.Tensor:
+    """``[N, K, K]`` from ``column(l) -> [N, K]`` (the Gram's column ``l``), one at a time."""
+    per_column = tf.map_fn(
+        column,
+        tf.range(tf.shape(cotangents)[1]),
+        fn_output_signature=tf.TensorSpec(None, cotangents.dtype),
+    )
+    return tf.transpose(per_column, [1, 2, 0])
+
+
 def _is_batched(value: Any) -> bool:
     return isinstance(value, tf.Tensor) and value.shape.rank is not None and value.shape.rank > 0
 
@@ -233,30 +263,17 @@ def _is_batched(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Rule:
-    """How one layer type is cut and differentiated.
-
-    ``forward(layer, inputs) -> (cut, outputs)``; ``factors(layer, inputs, cut_cotangents)``
-    returns factors for the layer's trainable weights, given ``[N, K, *cut.shape[1:]]``.
-    """
-
-    applies: Callable[[keras.layers.Layer], bool]
-    forward: Callable[[keras.layers.Layer, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-    factors: Callable[[keras.layers.Layer, tf.Tensor, tf.Tensor], list]
-
-
-def _plain(layer: keras.layers.Layer) -> bool:
+def plain(layer: keras.layers.Layer) -> bool:
     return not getattr(layer, "lora_enabled", False) and not getattr(
         layer, "quantization_mode", None
     )
 
 
-def _activate(layer, z):
+def activate(layer, z):
     return layer.activation(z) if layer.activation is not None else z
 
 
-def _bias_grads(delta: tf.Tensor, broadcast_shape: list[int], shape) -> tf.Tensor:
+def bias_grads(delta: tf.Tensor, broadcast_shape: list[int], shape) -> tf.Tensor:
     """Per-sample gradient of a parameter added with broadcasting to ``delta[:, :, ...]``."""
     rest = delta.shape[2:]
     padded = [1] * (len(rest) - len(broadcast_shape)) + list(broadcast_shape)
@@ -282,7 +299,7 @@ def _dense_forward(layer, inputs):
     z = ops.matmul(inputs, layer.kernel)
     if layer.bias is not None:
         z = ops.add(z, layer.bias)
-    return z, _activate(layer, z)
+    return z, activate(layer, z)
 
 
 def _dense_factors(layer, inputs, delta):
@@ -291,11 +308,9 @@ def _dense_factors(layer, inputs, delta):
     if inputs.shape.rank == 2:
         factors.append(Outer(layer.kernel, inputs, delta))
     else:
-        flat_inputs, flat_delta = _flatten_middle(inputs, delta)
-        grads = tf.einsum("nti,nktj->nkij", flat_inputs, flat_delta)
-        factors.append(Explicit(layer.kernel, grads))
+        factors.append(Patches(layer.kernel, *_flatten_middle(inputs, delta)))
     if layer.bias is not None:
-        factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
+        factors.append(Explicit(layer.bias, bias_grads(delta, layer.bias.shape, layer.bias.shape)))
     return factors
 
 
@@ -318,7 +333,7 @@ def _einsum_specs(layer, rank: int):
 
 
 def _einsum_applies(layer) -> bool:
-    if not (type(layer) is keras.layers.EinsumDense and _plain(layer)):
+    if not plain(layer):
         return False
     shape = layer.input.shape if layer._inbound_nodes else None
     return shape is not None and _einsum_specs(layer, len(shape)) is not None
@@ -329,7 +344,7 @@ def _einsum_forward(layer, inputs):
     z = ops.einsum(layer.equation, inputs, layer.kernel)
     if layer.bias is not None:
         z = ops.add(z, layer.bias)
-    return z, _activate(layer, z)
+    return z, activate(layer, z)
 
 
 def _einsum_factors(layer, inputs, delta):
@@ -340,17 +355,15 @@ def _einsum_factors(layer, inputs, delta):
     grads = tf.einsum(equation, tf.cast(inputs, delta.dtype), delta)
     factors = [Explicit(layer.kernel, grads)]
     if layer.bias is not None:
-        factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
+        factors.append(Explicit(layer.bias, bias_grads(delta, layer.bias.shape, layer.bias.shape)))
     return factors
 
 
 # Convolutions ------------------------------------------------------------------------------
 
-_CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D)
-
 
 def _conv_applies(layer) -> bool:
-    return type(layer) in _CONV_TYPES and _plain(layer) and layer.data_format == "channels_last"
+    return plain(layer) and layer.data_format == "channels_last"
 
 
 def _conv_padded(layer, inputs):
@@ -360,7 +373,7 @@ def _conv_padded(layer, inputs):
     return inputs, layer.padding
 
 
-def _conv_forward(layer, inputs):
+def conv_forward(layer, inputs):
     inputs = tf.cast(inputs, layer.compute_dtype)
     padded, padding = _conv_padded(layer, inputs)
     z = ops.conv(
@@ -373,7 +386,7 @@ def _conv_forward(layer, inputs):
     )
     if layer.bias is not None:
         z = ops.add(z, layer.bias)
-    return z, _activate(layer, z)
+    return z, activate(layer, z)
 
 
 def _patches(layer, inputs):
@@ -414,7 +427,7 @@ def _conv_factors(layer, inputs, delta):
         grads = tf.reshape(grads, tf.concat([[n, columns], layer.kernel.shape], 0))
         factors = [Explicit(layer.kernel, grads)]
     if layer.bias is not None:
-        factors.append(Explicit(layer.bias, _bias_grads(delta, layer.bias.shape, layer.bias.shape)))
+        factors.append(Explicit(layer.bias, bias_grads(delta, layer.bias.shape, layer.bias.shape)))
     return factors
 
 
@@ -434,84 +447,27 @@ def _embedding_factors(layer, inputs, delta):
     return [Rows(layer.embeddings, ids, cotangents)]
 
 
-# Normalisation -----------------------------------------------------------------------------
-
-
-def _call_layer(layer, inputs):
-    outputs = layer(inputs, training=False) if layer._call_has_training_arg else layer(inputs)
-    return outputs, outputs
-
-
-def _affine_factors(normalised, delta, gamma, beta, broadcast_shape):
-    factors = []
-    if gamma is not None:
-        product = tf.cast(normalised, delta.dtype)[:, None] * delta
-        factors.append(Explicit(gamma, _bias_grads(product, broadcast_shape, gamma.shape)))
-    if beta is not None:
-        factors.append(Explicit(beta, _bias_grads(delta, broadcast_shape, beta.shape)))
-    return factors
-
-
-def _layer_norm_factors(layer, inputs, delta):
-    inputs = tf.cast(inputs, delta.dtype)
-    rank = inputs.shape.rank
-    axes = [a % rank for a in ([layer.axis] if isinstance(layer.axis, int) else layer.axis)]
-    normalised = ops.layer_normalization(
-        inputs, None, None, axes, layer.epsilon, rms_scaling=layer.rms_scaling
-    )
-    broadcast = [inputs.shape[d] if d in axes else 1 for d in range(1, rank)]
-    beta = None if layer.rms_scaling else layer.beta
-    return _affine_factors(normalised, delta, layer.gamma, beta, broadcast)
-
-
-def _batch_norm_factors(layer, inputs, delta):
-    inputs = tf.cast(inputs, delta.dtype)
-    rank = inputs.shape.rank
-    axis = layer.axis % rank
-    normalised = ops.batch_normalization(
-        inputs,
-        tf.cast(layer.moving_mean, inputs.dtype),
-        tf.cast(layer.moving_variance, inputs.dtype),
-        axis=axis,
-        epsilon=layer.epsilon,
-    )
-    broadcast = [inputs.shape[d] if d == axis else 1 for d in range(1, rank)]
-    return _affine_factors(normalised, delta, layer.gamma, layer.beta, broadcast)
-
-
-def _norm_applies(kind):
-    return lambda layer: type(layer) is kind and _plain(layer)
-
-
-RULES: tuple[Rule, ...] = (
+_L = keras.layers
+register_builtin(
+    [_L.Dense], Rule(_dense_forward, _dense_factors, plain, "Dense"), piecewise_linear=True
+)
+register_builtin(
+    [_L.EinsumDense],
+    Rule(_einsum_forward, _einsum_factors, _einsum_applies, "EinsumDense"),
+    piecewise_linear=True,
+)
+register_builtin(
+    [_L.Conv1D, _L.Conv2D],
+    Rule(conv_forward, _conv_factors, _conv_applies, "Conv patches"),
+    piecewise_linear=True,
+)
+register_builtin(
+    [_L.Embedding],
     Rule(
-        lambda layer: type(layer) is keras.layers.Dense and _plain(layer),
-        _dense_forward,
-        _dense_factors,
-    ),
-    Rule(_einsum_applies, _einsum_forward, _einsum_factors),
-    Rule(_conv_applies, _conv_forward, _conv_factors),
-    Rule(
-        lambda layer: (
-            type(layer) is keras.layers.Embedding
-            and _plain(layer)
-            and not getattr(layer, "sparse", False)
-        ),
         _embedding_forward,
         _embedding_factors,
+        lambda layer: plain(layer) and not getattr(layer, "sparse", False),
+        "Embedding rows",
     ),
-    Rule(_norm_applies(keras.layers.LayerNormalization), _call_layer, _layer_norm_factors),
-    Rule(
-        lambda layer: type(layer) is keras.layers.BatchNormalization and not layer.renorm,
-        _call_layer,
-        _batch_norm_factors,
-    ),
+    piecewise_linear=True,
 )
-
-
-def rule_for(layer: keras.layers.Layer) -> Rule | None:
-    """The rule for ``layer``, or ``None`` when it goes through the generic fallback."""
-    for rule in RULES:
-        if rule.applies(layer):
-            return rule
-    return None

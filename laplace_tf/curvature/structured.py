@@ -25,6 +25,7 @@ from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
 from laplace_tf._validation import BatchChecker, check_output_activation
 from laplace_tf.curvature.distributed import replicated, strategy_of
 from laplace_tf.curvature.hessian import hessian_diagonal
+from laplace_tf.curvature.registry import is_piecewise_linear_layer
 from laplace_tf.curvature.tracing import graph_of, trace
 from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
 
@@ -211,10 +212,11 @@ def glm_moments(
 def is_piecewise_linear(model: keras.Model) -> bool:
     """Whether every parameter enters the outputs linearly (piecewise) on its own.
 
-    True for Functional / Sequential models built only from layers that are piecewise
-    linear in their inputs (Dense, Conv, Embedding, BatchNorm in inference, pooling,
-    reshaping, ...) with activations among linear / relu / relu6 / leaky_relu and no
-    layer called twice. Then ``diag(Hessian) = diag(GGN)`` exactly (almost everywhere).
+    True for Functional / Sequential models built only from layers declared piecewise
+    linear in the rule registry (Dense, Conv, Embedding, BatchNorm in inference, pooling,
+    reshaping, ...; see :func:`~laplace_tf.curvature.registry.register_piecewise_linear`)
+    with activations among linear / relu / relu6 / leaky_relu and no layer called twice.
+    Then ``diag(Hessian) = diag(GGN)`` exactly (almost everywhere).
     """
     graph = graph_of(model)
     if graph is None:
@@ -224,54 +226,9 @@ def is_piecewise_linear(model: keras.Model) -> bool:
             if not is_piecewise_linear(layer):
                 return False
             continue
-        if type(layer) not in _PIECEWISE_LINEAR_LAYERS or len(layer._inbound_nodes) > 1:
-            return False
-        activation = getattr(layer, "activation", None)
-        if activation is not None and activation not in _PIECEWISE_LINEAR_ACTIVATIONS:
+        if not is_piecewise_linear_layer(layer) or len(layer._inbound_nodes) > 1:
             return False
     return True
-
-
-_PIECEWISE_LINEAR_ACTIVATIONS = {
-    keras.activations.linear,
-    keras.activations.relu,
-    keras.activations.relu6,
-    keras.activations.leaky_relu,
-}
-_L = keras.layers
-_PIECEWISE_LINEAR_LAYERS = {
-    _L.InputLayer,
-    _L.Dense,
-    _L.EinsumDense,
-    _L.Conv1D,
-    _L.Conv2D,
-    _L.Embedding,
-    _L.BatchNormalization,
-    _L.Flatten,
-    _L.Reshape,
-    _L.Permute,
-    _L.Dropout,
-    _L.Identity,
-    _L.ReLU,
-    _L.LeakyReLU,
-    _L.Activation,
-    _L.MaxPooling1D,
-    _L.MaxPooling2D,
-    _L.AveragePooling1D,
-    _L.AveragePooling2D,
-    _L.GlobalAveragePooling1D,
-    _L.GlobalAveragePooling2D,
-    _L.GlobalMaxPooling1D,
-    _L.GlobalMaxPooling2D,
-    _L.Concatenate,
-    _L.Add,
-    _L.Subtract,
-    _L.Average,
-    _L.ZeroPadding1D,
-    _L.ZeroPadding2D,
-    _L.Cropping1D,
-    _L.Cropping2D,
-}
 
 
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,0 +1,394 @@
+"""Rules for the convolutions beyond Conv1D / Conv2D: Conv3D, depthwise, separable and
+transposed convolutions (channels last; ``channels_first`` layers take the fallback).
+
+All of them are linear in their kernels, so a per-example kernel gradient is a sum over
+locations of input patches times cotangents. Inputs are unfolded into patches
+``[N, L, P, C]`` (``P`` kernel offsets, TF padding) by :func:`unfold`, and the factors
+below reduce the curvature one column of ``S`` at a time, so at most one column's
+per-example kernel gradients (``N`` kernels) exist at once:
+
+- a depthwise kernel ``[*k, C, M]`` is a grouped convolution with one input channel per
+  group (:class:`GroupedPatches`);
+- a separable convolution ``z = pointwise(depthwise(x)) + b`` is cut at ``z``: the
+  pointwise kernel sees the depthwise output ``u`` as its (1 x 1) patches, the depthwise
+  kernel the cotangents ``delta_u = delta_z W_pw^T`` pulled back through the pointwise
+  kernel (exact: nothing non-linear lies between);
+- a transposed convolution ``y = A_W^T x`` is the adjoint of a convolution ``A_W`` mapping
+  ``y``-space to ``x``-space, so ``<delta, y> = <A_W delta, x>``: its kernel gradient
+  is ``sum_l unfold(delta)[l] (x) x[l]``, with the *cotangent* unfolded
+  (:class:`TransposedPatches`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from laplace_tf.curvature.layers import (
+    Explicit,
+    Patches,
+    activate,
+    bias_grads,
+    columns_gram,
+    conv_forward,
+    plain,
+)
+from laplace_tf.curvature.registry import Rule, register_builtin
+
+
+@dataclass(frozen=True)
+class Window:
+    """Kernel size, strides, dilation and padding (``valid`` / ``same`` / ``causal``)."""
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: str
+
+    @classmethod
+    def of(cls, layer) -> Window:
+        return cls(
+            tuple(layer.kernel_size),
+            tuple(layer.strides),
+            tuple(layer.dilation_rate),
+            layer.padding,
+        )
+
+
+def _size(x: tf.Tensor, axis: int):
+    """A static size where known, else the dynamic one."""
+    return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+
+
+def unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
+    """Patches ``[N, L, P, C]`` of ``x: [N, *spatial, C]`` at the ``L`` output locations
+    of a convolution with ``window`` (TF padding: ``same`` puts the odd pixel after),
+    ``P = prod(kernel_size)`` offsets in the kernel's row-major order."""
+    rank = len(window.kernel_size)
+    paddings = [[0, 0]]
+    outputs = []
+    for axis, (k, s, d) in enumerate(
+        zip(window.kernel_size, window.strides, window.dilation, strict=True)
+    ):
+        size, span = _size(x, axis + 1), (k - 1) * d + 1
+        if window.padding == "same":
+            out = (size + s - 1) // s
+            total = (out - 1) * s + span - size
+            total = max(total, 0) if isinstance(total, int) else tf.maximum(total, 0)
+            paddings.append([total // 2, total - total // 2])
+        else:
+            left = span - 1 if window.padding == "causal" else 0
+            out = (size + left - span) // s + 1
+            paddings.append([left, 0])
+        outputs.append(out)
+    padded = tf.pad(x, [*paddings, [0, 0]])
+    mask = 1 | (1 << (rank + 1))  # whole batch and channel axes
+    slices = []
+    for offset in itertools.product(*(range(k) for k in window.kernel_size)):
+        begin = [o * d for o, d in zip(offset, window.dilation, strict=True)]
+        steps = zip(begin, outputs, window.strides, strict=True)
+        end = [b + (out - 1) * s + 1 for b, out, s in steps]
+        slices.append(
+            tf.strided_slice(
+                padded,
+                [0, *begin, 0],
+                [0, *end, 0],
+                [1, *window.strides, 1],
+                begin_mask=mask,
+                end_mask=mask,
+            )
+        )
+    patches = tf.stack(slices, axis=-2)  # [N, *out, P, C]
+    return tf.reshape(patches, [tf.shape(x)[0], -1, len(slices), x.shape[-1]])
+
+
+def _fold(values: tf.Tensor, like: tf.Tensor, window: Window) -> tf.Tensor:
+    """The adjoint of :func:`unfold`: ``values [N, L, P, C]`` summed back into ``like``'s
+    shape (a transposed convolution with per-example kernels)."""
+    zeros = tf.zeros_like(like)
+    with tf.GradientTape() as tape:
+        tape.watch(zeros)
+        patches = unfold(zeros, window)
+    return tape.gradient(patches, zeros, output_gradients=values)
+
+
+# Factors ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupedPatches:
+    """Grouped kernels: ``g[n, k][q, g, o] = sum_l p[n, l, g, q] d[n, k, l, g, o]``.
+
+    ``p: [N, L, G, Q]`` patches per group, ``d: [N, K, L, G, O]`` cotangents; the variable
+    is ``[Q, G, O]`` in row-major order (a grouped kernel ``[*k, C/G, G * O]``, a
+    depthwise kernel ``[*k, C, M]`` with ``Q = prod(k)``). Reduced one column at a time
+    by batched matrix products over ``(n, g)``.
+    """
+
+    variable: Any
+    patches: tf.Tensor
+    cotangents: tf.Tensor
+
+    @property
+    def variables(self) -> list:
+        return [self.variable]
+
+    def _operands(self):
+        """Patches ``[N, G, Q, L]`` and cotangents ``[K, N, G, L, O]``, laid out for matmul."""
+        patches = tf.transpose(self.patches, [0, 2, 3, 1])
+        return patches, tf.transpose(self.cotangents, [1, 0, 3, 2, 4])
+
+    def _shape(self) -> list[int]:
+        """``[G, Q, O]``: the variable in the layout of the products."""
+        groups, width = self.cotangents.shape[-2:]
+        return [groups, self.variable.shape.num_elements() // (groups * width), width]
+
+    def _as_variable(self, grads: tf.Tensor) -> tf.Tensor:
+        """``[..., G, Q, O] -> [..., *variable.shape]``."""
+        rank = grads.shape.rank
+        order = [*range(rank - 3), rank - 2, rank - 3, rank - 1]
+        shape = tf.concat([tf.shape(grads)[: rank - 3], self.variable.shape], 0)
+        return tf.reshape(tf.transpose(grads, order), shape)
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        patches, cotangents = self._operands()
+
+        def add_column(total, column):
+            return total + tf.reduce_sum(tf.square(tf.matmul(patches, column)), axis=0)
+
+        total = tf.foldl(add_column, cotangents, tf.zeros(self._shape(), self.patches.dtype))
+        return [self._as_variable(total)]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        patches, cotangents = self._operands()
+        groups, offsets, width = self._shape()
+        weight = tf.reshape(tf.cast(weights[0], self.patches.dtype), [offsets, groups, width])
+        weight = tf.transpose(weight, [1, 0, 2])
+
+        def column(k):
+            scaled = tf.matmul(patches, tf.gather(cotangents, k)) * weight  # [N, G, Q, O]
+            back = tf.matmul(patches, scaled, transpose_a=True)  # [N, G, L, O]
+            return tf.transpose(tf.reduce_sum(cotangents * back, axis=[2, 3, 4]))
+
+        return columns_gram(column, self.cotangents)
+
+    def dense_grads(self) -> list[tf.Tensor]:
+        patches, cotangents = self._operands()
+        grads = tf.matmul(patches[None], cotangents)  # [K, N, G, Q, O]
+        return [self._as_variable(tf.experimental.numpy.swapaxes(grads, 0, 1))]
+
+
+@dataclass(frozen=True)
+class TransposedPatches:
+    """Transposed-convolution kernels ``[*k, F, C]``:
+    ``g[n, k] = reshape(sum_l unfold(d[n, k])[l] (x) x[n, l], shape)``.
+
+    ``x: [N, L, C]`` is the layer input at its ``L`` locations, ``d: [N, K, *spatial, F]``
+    the cotangents of the output, unfolded one column at a time with ``window``.
+    """
+
+    variable: Any
+    inputs: tf.Tensor
+    cotangents: tf.Tensor
+    window: Window
+
+    @property
+    def variables(self) -> list:
+        return [self.variable]
+
+    def _column(self, k) -> tf.Tensor:
+        patches = unfold(tf.gather(self.cotangents, k, axis=1), self.window)
+        patches = tf.reshape(patches, [tf.shape(patches)[0], tf.shape(patches)[1], -1])
+        return tf.matmul(patches, self.inputs, transpose_a=True)  # [N, P * F, C]
+
+    def _shape(self) -> list[int]:
+        channels = self.inputs.shape[-1]
+        return [self.variable.shape.num_elements() // channels, channels]
+
+    def _weight(self, weight) -> tf.Tensor:
+        return tf.reshape(tf.cast(weight, self.inputs.dtype), self._shape())
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        def add_column(total, k):
+            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+
+        initial = tf.zeros(self._shape(), self.inputs.dtype)
+        total = tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)
+        return [tf.reshape(total, self.variable.shape)]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        weight = self._weight(weights[0])
+        offsets, filters = self.variable.shape[:-2].num_elements(), self.cotangents.shape[-1]
+        like = self.cotangents[:, 0]
+        axes = list(range(2, self.cotangents.shape.rank))
+
+        def column(k):
+            back = tf.matmul(self.inputs, self._column(k) * weight, transpose_b=True)
+            back = tf.reshape(back, [tf.shape(back)[0], tf.shape(back)[1], offsets, filters])
+            return tf.reduce_sum(self.cotangents * _fold(back, like, self.window)[:, None], axes)
+
+        return columns_gram(column, self.cotangents)
+
+    def dense_grads(self) -> list[tf.Tensor]:
+        per_column = tf.map_fn(
+            self._column,
+            tf.range(tf.shape(self.cotangents)[1]),
+            fn_output_signature=tf.TensorSpec(None, self.inputs.dtype),
+        )
+        grads = tf.experimental.numpy.swapaxes(per_column, 0, 1)
+        return [tf.reshape(grads, tf.concat([tf.shape(grads)[:2], self.variable.shape], 0))]
+
+
+# Rules -----------------------------------------------------------------------------------
+
+
+def _channels_last(layer) -> bool:
+    return plain(layer) and layer.data_format == "channels_last"
+
+
+def _locations(tensor: tf.Tensor, leading: int) -> tf.Tensor:
+    """``[*leading axes, *spatial, C] -> [*leading, L, C]``."""
+    shape = tf.shape(tensor)
+    return tf.reshape(tensor, tf.concat([shape[:leading], [-1, tensor.shape[-1]]], 0))
+
+
+def _bias_factor(layer, delta) -> list:
+    if layer.bias is None:
+        return []
+    return [Explicit(layer.bias, bias_grads(delta, layer.bias.shape, layer.bias.shape))]
+
+
+def _grouped(patches: tf.Tensor, groups: int) -> tf.Tensor:
+    """``[N, L, P, C] -> [N, L, G, P * C / G]``: each group's patches, (offset, channel)."""
+    shape, offsets, channels = tf.shape(patches), patches.shape[2], patches.shape[3]
+    split = tf.reshape(patches, [shape[0], shape[1], offsets, groups, channels // groups])
+    split = tf.transpose(split, [0, 1, 3, 2, 4])
+    return tf.reshape(split, [shape[0], shape[1], groups, offsets * channels // groups])
+
+
+def _grouped_cotangents(delta: tf.Tensor, groups: int) -> tf.Tensor:
+    """``[N, K, *spatial, G * O] -> [N, K, L, G, O]``."""
+    shape = tf.shape(delta)
+    return tf.reshape(delta, [shape[0], shape[1], -1, groups, delta.shape[-1] // groups])
+
+
+def _conv3d_factors(layer, inputs, delta):
+    patches = unfold(tf.cast(inputs, delta.dtype), Window.of(layer))
+    if layer.groups == 1:
+        shape = tf.shape(patches)
+        flat = tf.reshape(patches, [shape[0], shape[1], patches.shape[2] * patches.shape[3]])
+        kernel = Patches(layer.kernel, flat, _locations(delta, 2))
+    else:
+        grouped = _grouped(patches, layer.groups)
+        kernel = GroupedPatches(layer.kernel, grouped, _grouped_cotangents(delta, layer.groups))
+    return [kernel, *_bias_factor(layer, delta)]
+
+
+def _depthwise_forward(layer, inputs):
+    z = ops.depthwise_conv(
+        tf.cast(inputs, layer.compute_dtype),
+        layer.kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format="channels_last",
+    )
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, activate(layer, z)
+
+
+def _depthwise_kernel_factor(kernel, inputs, delta, window: Window) -> GroupedPatches:
+    """``kernel [*k, C, M]``; ``delta [N, K, *spatial, C * M]``."""
+    patches = tf.transpose(unfold(inputs, window), [0, 1, 3, 2])  # [N, L, C, P]
+    return GroupedPatches(kernel, patches, _grouped_cotangents(delta, kernel.shape[-2]))
+
+
+def _depthwise_factors(layer, inputs, delta):
+    inputs = tf.cast(inputs, delta.dtype)
+    kernel = _depthwise_kernel_factor(layer.kernel, inputs, delta, Window.of(layer))
+    return [kernel, *_bias_factor(layer, delta)]
+
+
+def _separable_forward(layer, inputs):
+    z = ops.separable_conv(
+        tf.cast(inputs, layer.compute_dtype),
+        layer.depthwise_kernel,
+        layer.pointwise_kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format="channels_last",
+    )
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, activate(layer, z)
+
+
+def _separable_factors(layer, inputs, delta):
+    inputs = tf.cast(inputs, delta.dtype)
+    depthwise = tf.cast(layer.depthwise_kernel, delta.dtype)
+    pointwise = tf.reshape(tf.cast(layer.pointwise_kernel, delta.dtype), [-1, layer.filters])
+    hidden = ops.depthwise_conv(
+        inputs,
+        depthwise,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format="channels_last",
+    )
+    hidden_delta = tf.einsum("nk...f,qf->nk...q", delta, pointwise)
+    return [
+        _depthwise_kernel_factor(layer.depthwise_kernel, inputs, hidden_delta, Window.of(layer)),
+        Patches(layer.pointwise_kernel, _locations(hidden, 1), _locations(delta, 2)),
+        *_bias_factor(layer, delta),
+    ]
+
+
+def _transpose_forward(layer, inputs):
+    z = ops.conv_transpose(
+        tf.cast(inputs, layer.compute_dtype),
+        layer.kernel,
+        strides=list(layer.strides),
+        padding=layer.padding,
+        output_padding=layer.output_padding,
+        dilation_rate=layer.dilation_rate,
+        data_format="channels_last",
+    )
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, activate(layer, z)
+
+
+def _transpose_factors(layer, inputs, delta):
+    inputs = _locations(tf.cast(inputs, delta.dtype), 1)
+    kernel = TransposedPatches(layer.kernel, inputs, delta, Window.of(layer))
+    return [kernel, *_bias_factor(layer, delta)]
+
+
+_L = keras.layers
+register_builtin(
+    [_L.Conv3D],
+    Rule(conv_forward, _conv3d_factors, _channels_last, "Conv patches"),
+    piecewise_linear=True,
+)
+register_builtin(
+    [_L.DepthwiseConv1D, _L.DepthwiseConv2D],
+    Rule(_depthwise_forward, _depthwise_factors, _channels_last, "Depthwise patches"),
+    piecewise_linear=True,
+)
+register_builtin(
+    [_L.SeparableConv1D, _L.SeparableConv2D],
+    Rule(_separable_forward, _separable_factors, _channels_last, "Separable patches"),
+    piecewise_linear=True,
+)
+register_builtin(
+    [_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose],
+    Rule(_transpose_forward, _transpose_factors, _channels_last, "Transposed patches"),
+    piecewise_linear=True,
+)

@@ -1,0 +1,350 @@
+"""Per-layer rules, one case each, against dense per-example Jacobians; the registry;
+:func:`explain`.
+
+Every case is a tiny float64 model that uses the layer under test; for each, the
+diagonal GGN and the GLM output covariance equal those formed from dense per-example
+Jacobians (``tf.GradientTape.jacobian``, no ``pfor``), the rule is really used, and it
+gives the numbers of the generic per-example fallback.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from oracles import assert_close, dense_jacobian, flat, softmax_hessian
+
+from laplace_tf.curvature import (
+    Rule,
+    diagonal,
+    explain,
+    is_piecewise_linear,
+    output_covariance,
+    register_rule,
+    registry,
+    structured,
+    tracing,
+    unregister_rule,
+)
+from laplace_tf.curvature.layers import Explicit, bias_grads
+
+L = keras.layers
+N = 5
+CLASSES = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float64():
+    """float64 layers for this module only; the previous default is restored afterwards."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)
+
+
+# ---------------------------------------------------------------------------------------
+# Cases: one per rule (and per padding / stride / dilation variant worth a look)
+# ---------------------------------------------------------------------------------------
+
+#: name -> (input shape, layer factory, expected rule name)
+CASES = {
+    "conv3d": ((4, 5, 3, 2), lambda: L.Conv3D(3, 2, strides=(1, 2, 1), padding="same", activation="tanh"), "Conv patches"),  # noqa: E501
+    "conv3d_dilated": ((5, 4, 5, 1), lambda: L.Conv3D(2, (2, 1, 2), dilation_rate=2), "Conv patches"),  # noqa: E501
+    "conv3d_grouped": ((3, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2, padding="same"), "Conv patches"),  # noqa: E501
+    "depthwise1d": ((7, 3), lambda: L.DepthwiseConv1D(3, strides=2, padding="same", depth_multiplier=2, activation="tanh"), "Depthwise patches"),  # noqa: E501
+    "depthwise2d": ((5, 6, 2), lambda: L.DepthwiseConv2D((2, 3), dilation_rate=(2, 1), depth_multiplier=2), "Depthwise patches"),  # noqa: E501
+    "depthwise2d_strided_dilated": ((7, 7, 2), lambda: L.DepthwiseConv2D(2, strides=2, dilation_rate=2, padding="same"), "Depthwise patches"),  # noqa: E501
+    "separable1d": ((7, 2), lambda: L.SeparableConv1D(3, 3, strides=2, padding="same", depth_multiplier=2, activation="tanh"), "Separable patches"),  # noqa: E501
+    "separable2d": ((5, 5, 2), lambda: L.SeparableConv2D(3, (2, 3), dilation_rate=(1, 2), activation="tanh"), "Separable patches"),  # noqa: E501
+    "conv1d_transpose": ((4, 2), lambda: L.Conv1DTranspose(3, 3, strides=2, padding="same", output_padding=1, activation="tanh"), "Transposed patches"),  # noqa: E501
+    "conv2d_transpose": ((3, 4, 2), lambda: L.Conv2DTranspose(2, (3, 2), strides=(2, 1)), "Transposed patches"),  # noqa: E501
+    "conv2d_transpose_dilated": ((4, 4, 2), lambda: L.Conv2DTranspose(2, 3, dilation_rate=2, padding="same"), "Transposed patches"),  # noqa: E501
+    "conv3d_transpose": ((2, 3, 2, 2), lambda: L.Conv3DTranspose(2, 2, strides=2, padding="same", use_bias=False), "Transposed patches"),  # noqa: E501
+    "group_norm": ((3, 3, 4), lambda: L.GroupNormalization(2), "GroupNormalization"),
+    "group_norm_sequence": ((4, 6), lambda: L.GroupNormalization(3, epsilon=0.1), "GroupNormalization"),  # noqa: E501
+    "dense_rank3": ((4, 3), lambda: L.Dense(4, activation="tanh"), "Dense"),
+    "dense_rank4": ((2, 3, 3), lambda: L.Dense(2), "Dense"),
+}  # fmt: skip
+#: TF's CPU kernels refuse dilated transposed convolutions (the layer itself fails there).
+NEEDS_GPU = {"conv2d_transpose_dilated"}
+#: The fallback's vectorised per-example filter gradients do not run (grouped Conv3D on CPU).
+FALLBACK_FAILS = {"conv3d_grouped"}
+NAMES = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(
+            name in NEEDS_GPU and not tf.config.list_physical_devices("GPU"),
+            reason="TF has no CPU kernel for this layer",
+        ),
+    )
+    for name in sorted(CASES)
+]
+
+
+def build(name, *, seed=0):
+    """``(model, x, y)``: ``inputs -> tanh(Dense) -> layer -> Flatten -> Dense(3)`` with
+    random weights (the first Dense makes the layer's inputs depend on weights too)."""
+    shape, layer, _ = CASES[name]
+    inp = keras.Input(shape)
+    hidden = L.Dense(shape[-1], activation="tanh")(inp)
+    model = keras.Model(inp, L.Dense(CLASSES)(L.Flatten()(layer()(hidden))))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, *shape))
+    for v in model.weights:
+        v.assign(rng.normal(0.0, 0.6, size=v.shape))
+    return model, x, rng.integers(0, CLASSES, size=N)
+
+
+def _weights(model, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.1, 2.0, size=v.shape) for v in model.trainable_variables]
+
+
+def _fits(model, x, y, weights):
+    ggn = flat(diagonal(model, (x, y), likelihood="classification", batch_size=3))
+    return ggn, output_covariance(model, x, weights, batch_size=3).numpy()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rule_matches_dense_jacobians(name):
+    model, x, y = build(name)
+    weights = _weights(model)
+    ggn, covariance = _fits(model, x, y, weights)
+    f, jac = dense_jacobian(model, x)
+    assert_close(ggn, np.einsum("ncp,ncd,ndp->p", jac, softmax_hessian(f), jac))
+    assert_close(covariance, np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rule_is_used(name):
+    model, _, _ = build(name)
+    records = explain(model)
+    assert not records.fallback
+    assert [r.rule for r in records if r.layer == model.layers[2].name] == [CASES[name][2]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rule_matches_fallback(name, monkeypatch):
+    if name in FALLBACK_FAILS:
+        pytest.skip("the fallback itself fails here: no grouped Conv3D filter gradient on CPU")
+    model, x, y = build(name)
+    weights = _weights(model)
+    fast = _fits(model, x, y, weights)
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    with registry.rules_disabled():
+        assert all(r.rule == "fallback" for r in explain(model))
+        slow = _fits(model, x, y, weights)
+    for got, expected in zip(fast, slow, strict=True):
+        assert_close(got, expected)
+
+
+NEW_FACTOR_CASES = (
+    "conv3d_grouped", "depthwise2d", "separable1d", "conv2d_transpose", "conv3d_transpose",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NEW_FACTOR_CASES)
+def test_dense_grads_agree_with_the_reductions(name):
+    """``dense_grads`` (for reducers) gives the gradients the factor's own sums use."""
+    model, x, _ = build(name)
+    layer = model.layers[2]
+    rng = np.random.default_rng(2)
+    with tf.GradientTape(persistent=True):
+        _, sites = tracing.trace(model, tf.constant(x), model.trainable_variables)
+    (site,) = [s for s in sites if s.layer is layer]
+    cotangents = tf.constant(rng.normal(size=(N, 2, *site.cut.shape[1:])))
+    checked = 0
+    for factor in site.factors(cotangents):
+        if not hasattr(factor, "dense_grads"):
+            continue
+        (grads,) = factor.dense_grads()
+        (weight,) = [rng.uniform(0.1, 2.0, size=v.shape) for v in factor.variables]
+        flat_grads = np.reshape(grads.numpy(), (N, 2, -1))
+        assert_close(factor.sum_squares()[0].numpy(), np.sum(grads.numpy() ** 2, axis=(0, 1)))
+        expected = np.einsum("nkp,p,nlp->nkl", flat_grads, weight.ravel(), flat_grads)
+        assert_close(factor.weighted_gram([tf.constant(weight)]).numpy(), expected)
+        checked += 1
+    assert checked
+
+
+def test_channels_first_is_left_to_the_fallback():
+    inp = keras.Input((2, 5, 5))
+    layer = L.DepthwiseConv2D(2, data_format="channels_first")
+    model = keras.Model(inp, L.Dense(CLASSES)(L.Flatten()(layer(inp))))
+    (record, _) = explain(model)
+    assert record.rule == "fallback" and record.factors == ("PerExample",)
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------
+
+
+class Scale(L.Layer):
+    """``y = x * w`` per feature: a custom layer with no built-in rule."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        return x * self.w
+
+
+def _scale_forward(layer, inputs):
+    z = inputs * layer.w
+    return z, z
+
+
+def _scale_factors(layer, inputs, cotangents):
+    product = tf.cast(inputs, cotangents.dtype)[:, None] * cotangents  # [N, K, ..., D]
+    return [Explicit(layer.w, bias_grads(product, layer.w.shape, layer.w.shape))]
+
+
+SCALE_RULE = Rule(_scale_forward, _scale_factors, name="Scale rule")
+
+
+@pytest.fixture
+def scale_rule():
+    rule = register_rule(Scale, SCALE_RULE, piecewise_linear=True)
+    yield rule
+    unregister_rule(Scale, rule)
+    registry.register_piecewise_linear(Scale, False)
+
+
+def _scale_model(activation="tanh"):
+    inp = keras.Input((3, 4))
+    hidden = Scale()(L.Dense(4, activation=activation)(inp))
+    model = keras.Model(inp, L.Dense(CLASSES)(L.Flatten()(hidden)))
+    rng = np.random.default_rng(4)
+    for v in model.weights:
+        v.assign(rng.normal(0.0, 0.6, size=v.shape))
+    return model, rng.normal(size=(N, 3, 4)), rng.integers(0, CLASSES, size=N)
+
+
+def test_custom_rule_is_used_and_exact(scale_rule):
+    model, x, y = _scale_model()
+    assert [r.rule for r in explain(model)] == ["Dense", "Scale rule", "Dense"]
+    weights = _weights(model)
+    ggn, covariance = _fits(model, x, y, weights)
+    f, jac = dense_jacobian(model, x)
+    assert_close(ggn, np.einsum("ncp,ncd,ndp->p", jac, softmax_hessian(f), jac))
+    assert_close(covariance, np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac))
+
+
+def test_without_a_rule_the_custom_layer_takes_the_fallback():
+    model, _, _ = _scale_model()
+    records = explain(model)
+    assert [r.layer_class for r in records.fallback] == ["Scale"]
+    assert records.fallback[0].factors == ("PerExample",)
+
+
+def test_user_rules_take_precedence_and_applies_passes_on():
+    dense = registry.rule_for(L.Dense(2))
+    user = register_rule(L.Dense, Rule(dense.forward, dense.factors, name="mine"))
+    refusing = register_rule(L.Dense, Rule(dense.forward, dense.factors, lambda _: False))
+    try:
+        assert registry.rule_for(L.Dense(2)) is user  # the refusing one passes it on
+        assert registry.rule_for(L.Conv2D(2, 2)) is not user  # exact types only
+        model, _, _ = build("dense_rank3")
+        assert {r.rule for r in explain(model)} == {"mine"}
+    finally:
+        unregister_rule(L.Dense, user)
+        unregister_rule(L.Dense, refusing)
+    assert registry.rule_for(L.Dense(2)) is dense
+
+
+def test_register_rule_checks_its_arguments():
+    with pytest.raises(TypeError, match="Layer subclass"):
+        register_rule(int, SCALE_RULE)
+    with pytest.raises(TypeError, match="Rule"):
+        register_rule(Scale, lambda layer: None)
+    with pytest.raises(ValueError, match="not a registered rule"):
+        unregister_rule(Scale, SCALE_RULE)
+
+
+def test_piecewise_linear_flag_lives_in_the_registry(scale_rule):
+    model, _, _ = _scale_model(activation="relu")
+    assert is_piecewise_linear(model)
+    registry.register_piecewise_linear(Scale, False)
+    assert not is_piecewise_linear(model)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layer", "expected"),
+    [
+        ((3, 3, 3, 2), lambda: L.Conv3D(2, 2, activation="relu"), True),
+        ((4, 4, 2), lambda: L.DepthwiseConv2D(2, activation="relu"), True),
+        ((4, 4, 2), lambda: L.SeparableConv2D(2, 2), True),
+        ((4, 2), lambda: L.Conv1DTranspose(2, 2, activation="relu6"), True),
+        ((4, 4, 2), lambda: L.Conv2DTranspose(2, 2, activation="tanh"), False),
+        ((4, 4, 2), lambda: L.GroupNormalization(2), False),
+        ((4, 4, 2), lambda: L.LayerNormalization(), False),
+        ((4, 4, 2), lambda: L.BatchNormalization(), True),
+    ],
+)  # fmt: skip
+def test_is_piecewise_linear_for_the_new_layers(shape, layer, expected):
+    inp = keras.Input(shape)
+    hidden = layer()(L.Dense(2, activation="relu")(inp))
+    model = keras.Model(inp, L.Dense(CLASSES)(L.Flatten()(hidden)))
+    assert is_piecewise_linear(model) is expected
+    with registry.rules_disabled():  # the flag does not depend on a rule being there
+        assert is_piecewise_linear(model) is expected
+
+
+# ---------------------------------------------------------------------------------------
+# explain
+# ---------------------------------------------------------------------------------------
+
+
+def test_explain_records_and_table():
+    model, _, _ = _scale_model()
+    records = explain(model)
+    assert [(r.layer_class, r.rule) for r in records] == [
+        ("Dense", "Dense"), ("Scale", "fallback"), ("Dense", "Dense"),
+    ]  # fmt: skip
+    dense = records[0]
+    assert dense.weights == tuple(v.path for v in model.layers[1].trainable_variables)
+    assert dense.size == 4 * 4 + 4 and dense.factors == ("Patches", "Explicit")
+    assert sum(r.cost for r in records) == pytest.approx(1.0)
+    assert records[1].cost > records[0].cost  # 4 weights on the fallback outweigh 20
+    table = str(records)
+    assert table.splitlines()[0].split() == [
+        "layer", "class", "weights", "size", "rule", "factors", "cost",
+    ]  # fmt: skip
+    assert "1 layer(s) take the per-example fallback" in table
+
+
+def test_explain_params_subset_and_untraceable_models():
+    model, _, _ = _scale_model()
+    head = model.layers[-1]
+    (record,) = explain(model, params=[head.kernel])
+    assert record.weights == (head.kernel.path,) and record.rule == "Dense"
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.head = L.Dense(CLASSES)
+
+        def call(self, x):
+            return self.head(x)
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 4)))
+    (record,) = explain(subclassed)
+    assert record.rule == "fallback" and record.size == 4 * CLASSES + CLASSES
+    assert record.layer_class == "Subclassed" and record.cost == 1.0
+
+    inp = keras.Input((4,))
+    shared = L.Dense(4, activation="tanh")
+    twice = keras.Model(inp, L.Dense(CLASSES)(shared(shared(inp))))
+    (record,) = explain(twice)  # a layer called twice: the whole-model fallback
+    assert record.rule == "fallback" and record.layer_class == "Functional"
+
+
+def test_explain_refuses_what_diagonal_refuses():
+    model, _, _ = _scale_model()
+    with pytest.raises(ValueError, match="params"):
+        explain(model, params=[tf.Variable(np.zeros(3))])
