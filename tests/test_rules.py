@@ -51,6 +51,10 @@ def float64():
 
 #: name -> (input shape, layer factory, expected rule name)
 CASES = {
+    "conv1d_causal": ((7, 2), lambda: L.Conv1D(3, 3, padding="causal", dilation_rate=2, activation="tanh"), "Conv patches"),  # noqa: E501
+    "conv1d_grouped": ((6, 4), lambda: L.Conv1D(4, 2, strides=2, groups=2), "Conv patches"),
+    "conv2d": ((5, 6, 2), lambda: L.Conv2D(3, (3, 2), strides=2, padding="same", activation="tanh"), "Conv patches"),  # noqa: E501
+    "conv2d_grouped": ((5, 4, 4), lambda: L.Conv2D(6, 2, dilation_rate=(1, 2), groups=2), "Conv patches"),  # noqa: E501
     "conv3d": ((4, 5, 3, 2), lambda: L.Conv3D(3, 2, strides=(1, 2, 1), padding="same", activation="tanh"), "Conv patches"),  # noqa: E501
     "conv3d_dilated": ((5, 4, 5, 1), lambda: L.Conv3D(2, (2, 1, 2), dilation_rate=2), "Conv patches"),  # noqa: E501
     "conv3d_grouped": ((3, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2, padding="same"), "Conv patches"),  # noqa: E501
@@ -70,8 +74,9 @@ CASES = {
 }  # fmt: skip
 #: TF's CPU kernels refuse dilated transposed convolutions (the layer itself fails there).
 NEEDS_GPU = {"conv2d_transpose_dilated"}
-#: The fallback's vectorised per-example filter gradients do not run (grouped Conv3D on CPU).
-FALLBACK_FAILS = {"conv3d_grouped"}
+#: The fallback's vectorised per-example filter gradients do not run (grouped convolutions
+#: on CPU); the rule runs, and matches dense Jacobians.
+FALLBACK_FAILS = {"conv1d_grouped", "conv2d_grouped", "conv3d_grouped"}
 NAMES = [
     pytest.param(
         name,
@@ -129,7 +134,7 @@ def test_rule_is_used(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_rule_matches_fallback(name, monkeypatch):
     if name in FALLBACK_FAILS:
-        pytest.skip("the fallback itself fails here: no grouped Conv3D filter gradient on CPU")
+        pytest.skip("the fallback fails here: no grouped filter gradient under pfor on CPU")
     model, x, y = build(name)
     weights = _weights(model)
     fast = _fits(model, x, y, weights)
@@ -142,7 +147,8 @@ def test_rule_matches_fallback(name, monkeypatch):
 
 
 NEW_FACTOR_CASES = (
-    "conv3d_grouped", "depthwise2d", "separable1d", "conv2d_transpose", "conv3d_transpose",
+    "conv2d_grouped", "conv3d_grouped", "depthwise2d", "separable1d", "conv2d_transpose",
+    "conv3d_transpose",
 )  # fmt: skip
 
 

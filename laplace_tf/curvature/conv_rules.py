@@ -1,4 +1,4 @@
-"""Rules for the convolutions beyond Conv1D / Conv2D: Conv3D, depthwise, separable and
+"""Rules for the convolutions: Conv1D / 2D / 3D (grouped too), depthwise, separable and
 transposed convolutions (channels last; ``channels_first`` layers take the fallback).
 
 All of them are linear in their kernels, so a per-example kernel gradient is a sum over
@@ -7,6 +7,8 @@ locations of input patches times cotangents. Inputs are unfolded into patches
 below reduce the curvature one column of ``S`` at a time, so at most one column's
 per-example kernel gradients (``N`` kernels) exist at once:
 
+- a convolution kernel sees the patches (:class:`~laplace_tf.curvature.layers.Patches`),
+  a grouped one each group's (:class:`GroupedPatches`);
 - a depthwise kernel ``[*k, C, M]`` is a grouped convolution with one input channel per
   group (:class:`GroupedPatches`);
 - a separable convolution ``z = pointwise(depthwise(x)) + b`` is cut at ``z``: the
@@ -35,7 +37,6 @@ from laplace_tf.curvature.layers import (
     activate,
     bias_grads,
     columns_gram,
-    conv_forward,
     plain,
 )
 from laplace_tf.curvature.registry import Rule, register_builtin
@@ -277,7 +278,25 @@ def _grouped_cotangents(delta: tf.Tensor, groups: int) -> tf.Tensor:
     return tf.reshape(delta, [shape[0], shape[1], -1, groups, delta.shape[-1] // groups])
 
 
-def _conv3d_factors(layer, inputs, delta):
+def _conv_forward(layer, inputs):
+    inputs = tf.cast(inputs, layer.compute_dtype)
+    if layer.padding == "causal":
+        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+        inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+    z = ops.conv(
+        inputs,
+        layer.kernel,
+        strides=list(layer.strides),
+        padding="valid" if layer.padding == "causal" else layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format="channels_last",
+    )
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    return z, activate(layer, z)
+
+
+def _conv_factors(layer, inputs, delta):
     patches = unfold(tf.cast(inputs, delta.dtype), Window.of(layer))
     if layer.groups == 1:
         shape = tf.shape(patches)
@@ -373,8 +392,8 @@ def _transpose_factors(layer, inputs, delta):
 
 _L = keras.layers
 register_builtin(
-    [_L.Conv3D],
-    Rule(conv_forward, _conv3d_factors, _channels_last, "Conv patches"),
+    [_L.Conv1D, _L.Conv2D, _L.Conv3D],
+    Rule(_conv_forward, _conv_factors, _channels_last, "Conv patches"),
     piecewise_linear=True,
 )
 register_builtin(

@@ -21,9 +21,9 @@ The factor protocol, implemented by every factor:
   :class:`Rows` and :class:`PerExample` (which reducers read by type).
 
 so fitting and prediction come from one place. Rules live in the registry
-(:mod:`registry`); this module holds the factors and the rules for Dense, EinsumDense,
-Conv1D / Conv2D, Embedding and the Layer / Batch normalisations; :mod:`conv_rules` and
-:mod:`norm_rules` hold the others.
+(:mod:`registry`); this module holds the factors and the rules for Dense, EinsumDense and
+Embedding; :mod:`conv_rules` and :mod:`norm_rules` hold the convolutions and the
+normalisations.
 """
 
 from __future__ import annotations
@@ -359,78 +359,6 @@ def _einsum_factors(layer, inputs, delta):
     return factors
 
 
-# Convolutions ------------------------------------------------------------------------------
-
-
-def _conv_applies(layer) -> bool:
-    return plain(layer) and layer.data_format == "channels_last"
-
-
-def _conv_padded(layer, inputs):
-    if layer.padding == "causal":
-        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
-        return tf.pad(inputs, [[0, 0], [left, 0], [0, 0]]), "valid"
-    return inputs, layer.padding
-
-
-def conv_forward(layer, inputs):
-    inputs = tf.cast(inputs, layer.compute_dtype)
-    padded, padding = _conv_padded(layer, inputs)
-    z = ops.conv(
-        padded,
-        layer.kernel,
-        strides=list(layer.strides),
-        padding=padding,
-        dilation_rate=layer.dilation_rate,
-        data_format="channels_last",
-    )
-    if layer.bias is not None:
-        z = ops.add(z, layer.bias)
-    return z, activate(layer, z)
-
-
-def _patches(layer, inputs):
-    """Unfold the (padded) input into ``[N, L, prod(kernel_size) * C_in]`` patches."""
-    padded, padding = _conv_padded(layer, inputs)
-    if len(layer.kernel_size) == 1:
-        padded = padded[:, None]
-        sizes, strides, rates = (
-            [1, *layer.kernel_size],
-            [1, *layer.strides],
-            [1, *layer.dilation_rate],
-        )
-    else:
-        sizes, strides, rates = layer.kernel_size, layer.strides, layer.dilation_rate
-    patches = tf.image.extract_patches(
-        padded,
-        sizes=[1, *sizes, 1],
-        strides=[1, *strides, 1],
-        rates=[1, *rates, 1],
-        padding=padding.upper(),
-    )
-    return tf.reshape(patches, [tf.shape(inputs)[0], -1, patches.shape[-1]])
-
-
-def _conv_factors(layer, inputs, delta):
-    """Kernel gradients from unfolded patches; grouped kernels per group, explicitly."""
-    n, columns = tf.shape(delta)[0], tf.shape(delta)[1]
-    patches = _patches(layer, tf.cast(inputs, delta.dtype))  # [N, L, prod(k) * C_in]
-    locations = tf.shape(patches)[1]
-    if layer.groups == 1:
-        cotangents = tf.reshape(delta, [n, columns, locations, layer.filters])
-        factors = [Patches(layer.kernel, patches, cotangents)]
-    else:
-        groups = layer.groups
-        patches = tf.reshape(patches, [n, locations, -1, groups, layer.kernel.shape[-2]])
-        flat_delta = tf.reshape(delta, [n, columns, locations, groups, layer.filters // groups])
-        grads = tf.einsum("nlpgc,nklgo->nkpcgo", patches, flat_delta)
-        grads = tf.reshape(grads, tf.concat([[n, columns], layer.kernel.shape], 0))
-        factors = [Explicit(layer.kernel, grads)]
-    if layer.bias is not None:
-        factors.append(Explicit(layer.bias, bias_grads(delta, layer.bias.shape, layer.bias.shape)))
-    return factors
-
-
 # Embedding ---------------------------------------------------------------------------------
 
 
@@ -454,11 +382,6 @@ register_builtin(
 register_builtin(
     [_L.EinsumDense],
     Rule(_einsum_forward, _einsum_factors, _einsum_applies, "EinsumDense"),
-    piecewise_linear=True,
-)
-register_builtin(
-    [_L.Conv1D, _L.Conv2D],
-    Rule(conv_forward, _conv_factors, _conv_applies, "Conv patches"),
     piecewise_linear=True,
 )
 register_builtin(
