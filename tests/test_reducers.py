@@ -202,12 +202,14 @@ def test_full_empirical_fisher_matches_dense_gradients():
     assert_close(fit.curvature, grads.T @ grads)
 
 
-def test_full_gram_in_column_chunks(monkeypatch):
-    """A small gradient budget processes one column of S at a time: same Gram."""
+@pytest.mark.parametrize("entries", [1, 120])
+def test_full_gram_in_column_chunks_and_output_slices(monkeypatch, entries):
+    """A small gradient budget processes one column of S at a time, and the Dense-kernel
+    pairs in slices of their outputs (120) or as dense gradients (1): same Gram."""
     model = mlp()
     x, y = data(model, "classification")
     expected = reducers.fit_full(model, (x, y), likelihood="classification").curvature
-    monkeypatch.setattr(reducers, "FULL_GRADIENT_ENTRIES", 1)
+    monkeypatch.setattr(reducers, "FULL_GRADIENT_ENTRIES", entries)
     got = reducers.fit_full(model, (x, y), likelihood="classification", batch_size=3).curvature
     assert_close(got, expected)
 

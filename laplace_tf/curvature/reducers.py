@@ -310,14 +310,76 @@ def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
         count = columns.shape[-1]
         bound = FULL_GRADIENT_ENTRIES // max(batch_size * size, 1)
         chunk = max(1, min(_column_chunk(sites, count), bound))
-        gram = tf.zeros([size, size], tf.float64)
+        blocks: dict[tuple[int, int], tf.Tensor] = {}
         for start in range(0, count, chunk):
             part = columns[:, :, start : start + chunk]
-            flat = _jacobian(tape, raw, sites, part, variables)
-            gram += tf.cast(tf.einsum("nki,nkj->ij", flat, flat), tf.float64)
-        return [gram], likelihood.nll(outputs, y), tf.shape(outputs)
+            pieces = _GradientPieces(tape, raw, sites, part, variables)
+            for i in range(len(variables)):
+                for j in range(i, len(variables)):
+                    block = tf.cast(pieces.gram(i, j, batch_size), tf.float64)
+                    blocks[i, j] = block if (i, j) not in blocks else blocks[i, j] + block
+        rows = [
+            tf.concat(
+                [
+                    blocks[i, j] if i <= j else tf.transpose(blocks[j, i])
+                    for j in range(len(variables))
+                ],
+                axis=1,
+            )
+            for i in range(len(variables))
+        ]
+        return [tf.concat(rows, axis=0)], likelihood.nll(outputs, y), tf.shape(outputs)
 
     return _replicated(model, step), {}
+
+
+class _GradientPieces:
+    """The per-example gradients of one chunk of columns, per selected variable: Dense
+    kernels as their factors ``(a, delta)``, the others as ``[N, K, P_v]`` tensors."""
+
+    def __init__(self, tape, raw, sites, columns, variables):
+        self.outer: dict[int, tuple[tf.Tensor, tf.Tensor]] = {}
+        self.dense: dict[int, tf.Tensor] = {}
+        cotangents = _cut_cotangents(tape, raw, sites, columns)
+        for site, cotangent in zip(sites, cotangents, strict=True):
+            for factor in site.factors(cotangent):
+                if isinstance(factor, Outer):
+                    self.outer[id(factor.variable)] = (factor.inputs, factor.cotangents)
+                    continue
+                for v, g in zip(factor.variables, dense_gradients(factor), strict=True):
+                    self.dense[id(v)] = _flat(g)
+        self.keys = [id(v) for v in variables]
+
+    def flat(self, index: int) -> tf.Tensor:
+        key = self.keys[index]
+        if key not in self.dense:
+            inputs, cotangents = self.outer[key]
+            self.dense[key] = _flat(tf.einsum("ni,nkj->nkij", inputs, cotangents))
+        return self.dense[key]
+
+    def gram(self, i: int, j: int, batch_size: int) -> tf.Tensor:
+        """``sum_n sum_k g_nk^(i) g_nk^(j)^T``. Between two Dense kernels it is
+        ``sum_n (a_n b_n^T) (x) (delta_n^T e_n)``: the columns are summed before the
+        ``P_i x P_j`` product (K times fewer operations), over slices of the outputs of
+        ``i`` whose ``[N, I, J_s, M]`` intermediates fit in :data:`FULL_GRADIENT_ENTRIES`."""
+        left, right = self.outer.get(self.keys[i]), self.outer.get(self.keys[j])
+        if left is not None and right is not None:
+            (a, delta), (b, e) = left, right
+            inputs, outputs = a.shape[-1], delta.shape[-1]
+            width = FULL_GRADIENT_ENTRIES // max(batch_size * inputs * e.shape[-1], 1)
+            if width >= 1:
+                cross = tf.einsum("nkj,nkm->njm", delta, e)
+                slices = [
+                    tf.einsum("nijm,nl->ijlm", tf.einsum("ni,njm->nijm", a, part), b)
+                    for part in tf.split(cross, _slices(outputs, width), axis=1)
+                ]
+                return tf.reshape(tf.concat(slices, axis=1), [inputs * outputs, -1])
+        return tf.einsum("nki,nkj->ij", self.flat(i), self.flat(j))
+
+
+def _slices(size: int, width: int) -> list[int]:
+    """``size`` split into consecutive pieces of at most ``width``."""
+    return [min(width, size - start) for start in range(0, size, width)]
 
 
 def _jacobian(tape, raw, sites, columns, variables) -> tf.Tensor:

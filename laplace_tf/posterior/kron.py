@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from laplace_tf.curvature import reducers
+from laplace_tf.curvature.structured import _accumulation_dtype
 from laplace_tf.posterior.structure import (
     FitSummary,
     Scaling,
@@ -48,9 +49,12 @@ def _basis(matrix: tf.Tensor, dtype: tf.DType) -> _Op.LinearOperator:
     return _Orthogonal(tf.cast(matrix, dtype), is_square=True, is_non_singular=True)
 
 
-def _eigh(matrix: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Eigenvalues (clipped at 0: the factors are PSD up to rounding) and eigenvectors."""
-    values, vectors = tf.linalg.eigh(tf.cast(matrix, tf.float64))
+def _eigh(matrix: tf.Tensor, dtype: tf.DType) -> tuple[tf.Tensor, tf.Tensor]:
+    """Eigenvalues (clipped at 0: the factors are PSD up to rounding) and eigenvectors,
+    computed in the weight's ``dtype`` (float32 halves the time of float64) and kept in
+    float64."""
+    values, vectors = tf.linalg.eigh(tf.cast(matrix, dtype))
+    values, vectors = tf.cast(values, tf.float64), tf.cast(vectors, tf.float64)
     return tf.maximum(values, 0.0), vectors
 
 
@@ -180,13 +184,14 @@ _FACTORS = {"kron": KronFactor, "dense": DenseFactor, "diagonal": DiagonalFactor
 Factor = KronFactor | DenseFactor | DiagonalFactor
 
 
-def _factor(block: reducers.Block, shape: tuple[int, ...]) -> Factor:
+def _factor(block: reducers.Block, variable: Any) -> Factor:
+    shape, dtype = tuple(variable.shape), _accumulation_dtype(variable.dtype)
     if isinstance(block, reducers.KroneckerBlock):
-        inputs_values, inputs_basis = _eigh(block.inputs)
-        outputs_values, outputs_basis = _eigh(block.outputs)
+        inputs_values, inputs_basis = _eigh(block.inputs, dtype)
+        outputs_values, outputs_basis = _eigh(block.outputs, dtype)
         return KronFactor(inputs_values, inputs_basis, outputs_values, outputs_basis, shape)
     if isinstance(block, reducers.DenseBlock):
-        return DenseFactor(*_eigh(block.matrix), shape)
+        return DenseFactor(*_eigh(block.matrix, dtype), shape)
     return DiagonalFactor(tf.cast(block.diagonal, tf.float64), shape)
 
 
@@ -224,8 +229,7 @@ class Kron:
             seed=seed,
         )
         factors = tuple(
-            _factor(block, tuple(v.shape))
-            for block, v in zip(fitted.curvature, variables, strict=True)
+            _factor(block, v) for block, v in zip(fitted.curvature, variables, strict=True)
         )
         summary = FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs)
         return cls(factors, tuple(v.dtype for v in variables)), summary
