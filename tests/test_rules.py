@@ -69,6 +69,8 @@ CASES = {
     "conv3d_transpose": ((2, 3, 2, 2), lambda: L.Conv3DTranspose(2, 2, strides=2, padding="same", use_bias=False), "Transposed patches"),  # noqa: E501
     "group_norm": ((3, 3, 4), lambda: L.GroupNormalization(2), "GroupNormalization"),
     "group_norm_sequence": ((4, 6), lambda: L.GroupNormalization(3, epsilon=0.1), "GroupNormalization"),  # noqa: E501
+    "einsum_dense": ((4, 3), lambda: L.EinsumDense("abc,cde->abde", (4, 2, 3), bias_axes="de", activation="tanh"), "EinsumDense"),  # noqa: E501
+    "einsum_dense_reduce": ((4, 3), lambda: L.EinsumDense("abc,bcd->ad", (2,), bias_axes="d"), "EinsumDense"),  # noqa: E501
     "dense_rank3": ((4, 3), lambda: L.Dense(4, activation="tanh"), "Dense"),
     "dense_rank4": ((2, 3, 3), lambda: L.Dense(2), "Dense"),
 }  # fmt: skip
@@ -148,7 +150,7 @@ def test_rule_matches_fallback(name, monkeypatch):
 
 NEW_FACTOR_CASES = (
     "conv2d_grouped", "conv3d_grouped", "depthwise2d", "separable1d", "conv2d_transpose",
-    "conv3d_transpose",
+    "conv3d_transpose", "einsum_dense", "einsum_dense_reduce",
 )  # fmt: skip
 
 

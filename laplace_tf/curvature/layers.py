@@ -18,7 +18,8 @@ The factor protocol, implemented by every factor:
 - ``dense_grads() -> list[tf.Tensor]``: the per-example gradients ``[N, K, *shape]`` of
   each variable, for reducers that need more than the diagonal on small selections.
   Required of factor classes beyond :class:`Outer`, :class:`Explicit`, :class:`Patches`,
-  :class:`Rows` and :class:`PerExample` (which reducers read by type).
+  :class:`Rows` and :class:`PerExample` (which reducers read by type), e.g.
+  :class:`Contraction` and those of :mod:`conv_rules`.
 
 so fitting and prediction come from one place. Rules live in the registry
 (:mod:`registry`); this module holds the factors and the rules for Dense, EinsumDense and
@@ -160,6 +161,52 @@ class Rows(_OneVariable):
         examples, rows, summed = self._unique_rows()
         per_row = tf.einsum("ukd,uld,ud->ukl", summed, summed, tf.gather(weight, rows))
         return tf.math.unsorted_segment_sum(per_row, examples, tf.shape(self.ids)[0])
+
+
+@dataclass(frozen=True)
+class Contraction(_OneVariable):
+    """EinsumDense kernels: ``g[n, k] = einsum(x[n], d[n, k])`` over the axes the kernel
+    does not own (``in_spec, out_spec -> kernel_spec``, batch letter first in both).
+
+    Reduced one column at a time, so only ``[N, *kernel]`` gradients exist at once; the
+    GLM Gram pulls ``w * g_l`` back through the layer's own contraction.
+    """
+
+    variable: Any
+    specs: tuple[str, str, str]  # input, kernel and output subscripts
+    inputs: tf.Tensor
+    cotangents: tf.Tensor
+
+    def _column(self, k) -> tf.Tensor:
+        in_spec, kernel_spec, out_spec = self.specs
+        equation = f"{in_spec},{out_spec}->{in_spec[0]}{kernel_spec}"
+        return tf.einsum(equation, self.inputs, tf.gather(self.cotangents, k, axis=1))
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        def add_column(total, k):
+            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+
+        initial = tf.zeros(self.variable.shape, self.inputs.dtype)
+        return [tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)]
+
+    def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        in_spec, kernel_spec, out_spec = self.specs
+        weight = tf.cast(weights[0], self.inputs.dtype)
+        forward = f"{in_spec},{in_spec[0]}{kernel_spec}->{out_spec}"  # per-example kernels
+        axes = list(range(2, self.cotangents.shape.rank))
+
+        def column(k):
+            back = tf.einsum(forward, self.inputs, self._column(k) * weight)
+            return tf.reduce_sum(self.cotangents * back[:, None], axis=axes)
+
+        return columns_gram(column, self.cotangents)
+
+    def dense_grads(self) -> list[tf.Tensor]:
+        in_spec, kernel_spec, out_spec = self.specs
+        column = next(c for c in string.ascii_letters if c not in "".join(self.specs))
+        batch = in_spec[0]
+        equation = f"{in_spec},{batch}{column}{out_spec[1:]}->{batch}{column}{kernel_spec}"
+        return [tf.einsum(equation, self.inputs, self.cotangents)]
 
 
 @dataclass(frozen=True)
@@ -348,12 +395,8 @@ def _einsum_forward(layer, inputs):
 
 
 def _einsum_factors(layer, inputs, delta):
-    in_spec, kernel_spec, out_spec = _einsum_specs(layer, inputs.shape.rank)
-    column = next(c for c in string.ascii_letters if c not in in_spec + kernel_spec + out_spec)
-    batch = in_spec[0]
-    equation = f"{in_spec},{batch}{column}{out_spec[1:]}->{batch}{column}{kernel_spec}"
-    grads = tf.einsum(equation, tf.cast(inputs, delta.dtype), delta)
-    factors = [Explicit(layer.kernel, grads)]
+    specs = _einsum_specs(layer, inputs.shape.rank)
+    factors = [Contraction(layer.kernel, specs, tf.cast(inputs, delta.dtype), delta)]
     if layer.bias is not None:
         factors.append(Explicit(layer.bias, bias_grads(delta, layer.bias.shape, layer.bias.shape)))
     return factors
