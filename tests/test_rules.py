@@ -351,6 +351,10 @@ def test_explain_params_subset_and_untraceable_models():
     (record,) = explain(twice)  # a layer called twice: the whole-model fallback
     assert record.rule == "fallback" and record.layer_class == "Functional"
 
+    two = keras.Model(inp, [L.Dense(CLASSES)(inp), L.Dense(2)(inp)])
+    (record,) = explain(two)  # several outputs: the whole-model fallback
+    assert record.rule == "fallback" and record.size == 4 * CLASSES + CLASSES + 4 * 2 + 2
+
 
 def test_explain_refuses_what_diagonal_refuses():
     model, _, _ = _scale_model()

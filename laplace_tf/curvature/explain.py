@@ -129,13 +129,16 @@ def _sites(model, variables) -> list[tuple[Site, tuple[str, ...], float]]:
     graph = graph_of(model)
     if graph is None:
         site = Site(model, None, None, None, list(variables))
-        return [(site, ("PerExample",), _size(variables) * FALLBACK_COST_FACTOR)]
+        return [(site, ("PerExample",), _fallback_cost(variables))]
     recorded = []
 
     def record(x):
         with tf.GradientTape(persistent=True):
             outputs, sites = trace(model, x, variables)
         for site in sites:
+            if not isinstance(site.cut, tf.Tensor):  # several outputs: the whole model
+                recorded.append((site, ("PerExample",), _fallback_cost(site.variables)))
+                continue
             shape = tf.shape(site.cut)
             cotangents = tf.zeros(tf.concat([shape[:1], [1], shape[1:]], 0), site.cut.dtype)
             factors = site.factors(cotangents)
@@ -159,5 +162,9 @@ def _factor_cost(factor) -> float:
     if isinstance(factor, Rows):
         return float(factor.variable.shape[-1])
     if isinstance(factor, PerExample):
-        return _size(factor.variables) * FALLBACK_COST_FACTOR
+        return _fallback_cost(factor.variables)
     return float(_size(factor.variables))
+
+
+def _fallback_cost(variables) -> float:
+    return _size(variables) * FALLBACK_COST_FACTOR
