@@ -160,10 +160,12 @@ def fit_kron(
 ) -> StructuredFit:
     """Kronecker-factored curvature of the summed NLL, one block per selected weight.
 
-    Dense kernels on ``[N, I]`` inputs and Conv kernels get a :class:`KroneckerBlock`,
-    the bias of a Dense / EinsumDense / Conv layer a :class:`DenseBlock`, every other
-    weight (norm scales, embeddings, fallback layers, Dense on sequences) a
-    :class:`DiagonalBlock`. Arguments as :func:`laplace_tf.curvature.diagonal`.
+    Kernels with :class:`Outer` factors (Dense on ``[N, I]``) or :class:`Patches`
+    factors (Conv, Dense on sequences: positions as locations) get a
+    :class:`KroneckerBlock`, the bias of a Dense / EinsumDense / Conv layer a
+    :class:`DenseBlock`, every other weight (norm scales, embeddings, EinsumDense
+    kernels, fallback layers) a :class:`DiagonalBlock`. Arguments as
+    :func:`laplace_tf.curvature.diagonal`.
     """
     step, layout = _structured_step(model, likelihood, kind, params, mc_samples, "kron")
     sums, nll, count, width = _accumulate(model, likelihood, data, batch_size, seed, step, progress)
