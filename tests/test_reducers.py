@@ -296,3 +296,21 @@ def block_diagonal(blocks):
         result[start : start + len(b), start : start + len(b)] = b
         start += len(b)
     return result
+
+
+def test_dense_on_sequences_is_factored_like_a_convolution():
+    """Positions play the conv locations: ``A = (1/N) sum_n sum_t a_nt a_nt^T`` and ``B``
+    of ``sum_t delta_nkt``, which is the bias GGN."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 3))
+    hidden = L.Dense(5, activation="tanh", name="tokens")(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.Flatten()(hidden)))
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(N, 4, 3)), rng.integers(0, 3, N)
+    fit = reducers.fit_kron(model, (x, y), likelihood="classification")
+    block = fit.curvature[0]
+    assert isinstance(block, reducers.KroneckerBlock)
+    assert_close(block.inputs, np.einsum("nti,ntj->ij", x, x) / N)
+    b = reference_b(model, "tokens", x, "classification")
+    assert_close(block.outputs, b)
+    assert_close(fit.curvature[1].matrix, b)
