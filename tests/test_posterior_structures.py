@@ -120,9 +120,20 @@ def per_weight(values, variables):
 # -- full ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
-def test_full_over_all_weights_is_the_dense_ggn(likelihood):
-    model = mlp()
+def cnn(width=3):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    image = L.Reshape((2, 2, 1))(inputs)
+    z = L.Conv2D(2, 2, padding="same", activation="tanh", name="conv")(image)
+    return keras.Model(inputs, L.Dense(width, name="head")(L.Flatten()(z)))
+
+
+@pytest.mark.parametrize(
+    ("factory", "likelihood"),
+    [(mlp, "classification"), (mlp, "regression"), (cnn, "classification")],
+)
+def test_full_over_all_weights_is_the_dense_ggn(factory, likelihood):
+    model = factory()
     x, y = data(likelihood)
     sigma, temperature, delta = 0.7, 2.0, 0.3
     la = Laplace(
