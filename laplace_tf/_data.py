@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from laplace_tf._checks import positive_int
@@ -12,10 +13,24 @@ from laplace_tf._checks import positive_int
 DEFAULT_BATCH_SIZE = 256
 
 
-def batched(arrays: Any, batch_size: int) -> tf.data.Dataset:
-    """A dataset of batches of ``arrays`` (an array, or a dict / list / tuple of them)."""
+def batched(inputs: Any, batch_size: int) -> tf.data.Dataset:
+    """A dataset of input batches.
+
+    ``inputs`` is an array (or a dict / list / tuple of arrays for a multi-input model),
+    batched here by ``batch_size``; or a ``tf.data.Dataset`` that is already batched and
+    yields ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``, as Keras'
+    ``model.predict`` reads it (a tuple element is unpacked, its first entry being ``x``).
+    """
     positive_int("batch_size", batch_size)
-    return tf.data.Dataset.from_tensor_slices(_lists_as_tuples(arrays)).batch(batch_size)
+    if isinstance(inputs, tf.data.Dataset):
+        return inputs.map(_inputs_of)
+    return tf.data.Dataset.from_tensor_slices(_lists_as_tuples(inputs)).batch(batch_size)
+
+
+def _inputs_of(*element: Any) -> Any:
+    """``x`` of one dataset element, by Keras' ``unpack_x_y_sample_weight`` rule."""
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(element if len(element) > 1 else element[0])
+    return x
 
 
 def _lists_as_tuples(structure: Any) -> Any:

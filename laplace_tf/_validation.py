@@ -8,12 +8,14 @@ fails is it searched, on the host, for the offending index.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf._data import batched
 from laplace_tf.likelihoods import Binary, Classification, Likelihood, Regression
 
 #: Rows of a probe output within this of summing to one are taken for probabilities.
@@ -41,6 +43,8 @@ class BatchChecker:
 
     def __call__(self, x: Any, y: tf.Tensor) -> None:
         leaves = tf.nest.flatten(x)
+        if self.batch == 0:
+            check_batched(self.model, leaves)
         count = _example_count(leaves, self.batch)
         if self.n_outputs is None:
             self.n_outputs = probe_outputs(self.model, self.likelihood, x)
@@ -134,18 +138,46 @@ def _summary(float_leaves: tuple, y: tf.Tensor) -> tf.Tensor:
     return tf.concat([flags, [low, high], [tf.cast(integral, tf.float64)]], axis=0)
 
 
-def check_finite_inputs(x: Any) -> None:
-    """Refuse inputs (for prediction) that hold NaN or Inf, naming the first example."""
-    for leaf in tf.nest.flatten(x):
-        values = tf.convert_to_tensor(leaf)
-        if values.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(values))):
-            rows = np.asarray(values).reshape(values.shape[0], -1) if values.shape.rank else None
-            where = (
-                f": example {int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])}"
-                if rows is not None
-                else ""
-            )
-            raise ValueError(f"inputs contain NaN or Inf{where}.")
+def checked_inputs(model: keras.Model, x: Any, batch_size: int) -> Iterator[Any]:
+    """The input batches of ``x`` (see :func:`laplace_tf._data.batched`) for prediction,
+    each checked: the first for a missing batch axis (an unbatched dataset), every one for
+    NaN / Inf, naming the example's index in the data."""
+    offset = 0
+    for index, batch in enumerate(batched(x, batch_size)):
+        leaves = tf.nest.flatten(batch)
+        if index == 0:
+            check_batched(model, leaves)
+        for leaf in leaves:
+            if leaf.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(leaf))):
+                rows = np.asarray(leaf).reshape(leaf.shape[0], -1) if leaf.shape.rank else None
+                where = (
+                    f": example {offset + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])}"
+                    if rows is not None
+                    else ""
+                )
+                raise ValueError(f"inputs contain NaN or Inf{where}.")
+        offset += int(leaves[0].shape[0]) if leaves and leaves[0].shape.rank else 0
+        yield batch
+
+
+def check_batched(model: keras.Model, leaves: list[tf.Tensor]) -> None:
+    """Refuse input leaves with one axis fewer than the model's inputs: a dataset that was
+    not batched (Keras would fail later with a shape error that does not say so)."""
+    try:
+        expected = [tuple(t.shape) for t in model.inputs]
+    except (AttributeError, ValueError):
+        return  # a subclassed model: its input rank is unknown
+    if not expected or len(expected) != len(leaves):
+        return
+    got = sorted(leaf.shape.rank or 0 for leaf in leaves)
+    if got == sorted(len(shape) - 1 for shape in expected):
+        shapes = [list(leaf.shape) for leaf in leaves]
+        raise ValueError(
+            f"the inputs have shape {shapes[0] if len(shapes) == 1 else shapes}, one axis "
+            f"fewer than the model's input {list(expected[0]) if len(expected) == 1 else expected}"
+            ": the dataset seems not to be batched. Call `.batch(n)` on it (e.g. "
+            "`dataset.batch(256)`)."
+        )
 
 
 def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> int:

@@ -20,8 +20,8 @@ import tensorflow_probability as tfp
 
 from laplace_tf import predictive, tuning
 from laplace_tf._checks import positive_float, positive_int, resolve_seed, unwrap_variable
-from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
-from laplace_tf._validation import check_finite_inputs, check_output_activation
+from laplace_tf._data import DEFAULT_BATCH_SIZE
+from laplace_tf._validation import check_output_activation, checked_inputs
 from laplace_tf.curvature.structured import KINDS, fit_diagonal, glm_moments
 from laplace_tf.likelihoods import LIKELIHOODS, get_likelihood
 from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
@@ -399,7 +399,6 @@ class DiagonalLaplace:
         self._fitted()
         _check_choice("pred_type", pred_type, PRED_TYPES)
         _check_choice("link_approx", link_approx, predictive.LINK_APPROXIMATIONS)
-        check_finite_inputs(x)
         if pred_type == "nn":
             samples = self.predictive_samples(
                 x, n_samples, pred_type="nn", seed=seed, batch_size=batch_size
@@ -431,9 +430,11 @@ class DiagonalLaplace:
         )
 
     def _glm(self, x: Any, batch_size: int):
-        return glm_moments(
+        mean, covariance = glm_moments(
             self.model, x, self.posterior_variance, params=self.variables, batch_size=batch_size
         )
+        predictive.warn_non_finite_glm(mean, covariance)
+        return mean, covariance
 
     def predictive_samples(
         self,
@@ -456,7 +457,6 @@ class DiagonalLaplace:
         self._fitted()
         _check_choice("pred_type", pred_type, PRED_TYPES)
         n_samples = positive_int("n_samples", n_samples)
-        check_finite_inputs(x)
         seed = resolve_seed(seed)
         if pred_type == "glm":
             mean, covariance = self._glm(x, batch_size)
@@ -480,24 +480,23 @@ class DiagonalLaplace:
     def _sampled_outputs(self, x: Any, n_samples: int, seed: int, batch_size: int) -> tf.Tensor:
         """Network outputs ``[S, N, C]`` at ``S`` weight draws, one draw in memory at a time.
 
-        Draw ``s`` uses the stateless seed ``(seed, s)``; the model is evaluated with
+        Draw ``s`` uses the stateless seed ``(seed, s)`` for every batch, so the inputs
+        (arrays or a dataset) are read once; the model is evaluated with
         ``stateless_call``, so its own weights are never assigned.
         """
         if self._nn_forward is None:
             self._nn_forward = _sampled_forward(self.model, self.variables)
         mean, stddev = self.mean, self.posterior_stddev
-        batches = list(batched(x, batch_size))
-        outputs = [
-            tf.concat(
-                [
-                    self._nn_forward(mean, stddev, tf.constant([seed, s], tf.int64), b)
-                    for b in batches
-                ],
-                axis=0,
-            )
-            for s in range(n_samples)
-        ]
-        return tf.stack(outputs)
+        seeds = [tf.constant([seed, s], tf.int64) for s in range(n_samples)]
+        outputs = tf.concat(
+            [
+                tf.stack([self._nn_forward(mean, stddev, draw, batch) for draw in seeds])
+                for batch in checked_inputs(self.model, x, batch_size)
+            ],
+            axis=1,
+        )
+        predictive.warn_non_finite_draws(outputs, max(float(tf.reduce_max(s)) for s in stddev))
+        return outputs
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -150,10 +150,9 @@ def get_likelihood(likelihood: str | Likelihood, *, sigma_noise: float = 1.0) ->
 
 
 def _as_labels(y: tf.Tensor) -> tf.Tensor:
-    y = tf.convert_to_tensor(y)
-    if y.shape.rank == 2:
-        y = tf.squeeze(y, axis=-1)
-    return tf.cast(y, tf.int32)
+    """One integer label per example from ``[N]`` or ``[N, 1]`` (any static rank: a step
+    traced for both shapes sees a label tensor of unknown rank)."""
+    return tf.cast(tf.reshape(y, [-1]), tf.int32)
 
 
 def _as_binary(y: tf.Tensor, f: tf.Tensor) -> tf.Tensor:

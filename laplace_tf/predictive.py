@@ -9,6 +9,7 @@ Laplace Redux (Daxberger et al., 2021) used by laplace-torch.
 from __future__ import annotations
 
 import math
+import warnings
 
 import tensorflow as tf
 
@@ -68,3 +69,46 @@ def _jitter(covariance: tf.Tensor) -> tf.Tensor:
     scale = tf.reduce_max(tf.abs(tf.linalg.diag_part(covariance)))
     eps = tf.constant(1e-10 if covariance.dtype == tf.float64 else 1e-6, covariance.dtype)
     return eps * tf.maximum(scale, 1.0)
+
+
+_REMEDIES = (
+    "Use a larger prior precision (e.g. tuned with optimize_prior_precision on held-out "
+    "data) or subset='last_layer'"
+)
+
+
+def warn_non_finite_draws(outputs: tf.Tensor, largest_stddev: float) -> None:
+    """Warn when sampled networks (``[S, N, C]`` outputs) gave NaN / Inf.
+
+    In a deep network, weights drawn from a broad posterior scale the activations layer
+    after layer (BatchNorm in inference mode does not renormalise them), so draws can
+    overflow the float range: their predictive is not defined.
+    """
+    finite = tf.reduce_all(tf.math.is_finite(tf.reshape(outputs, [tf.shape(outputs)[0], -1])), 1)
+    bad = int(tf.size(finite)) - int(tf.math.count_nonzero(finite))
+    if bad:
+        warnings.warn(
+            f"The network gave NaN or Inf outputs for {bad} of {int(tf.size(finite))} posterior "
+            f"weight draws (pred_type='nn'), so the predictions are not finite. The draws "
+            f"overflow {outputs.dtype.name}: posterior standard deviations reach "
+            f"{largest_stddev:.3g}, and in a deep network each layer multiplies the "
+            f"perturbation. {_REMEDIES}, or pred_type='glm'.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def warn_non_finite_glm(mean: tf.Tensor, covariance: tf.Tensor) -> None:
+    """Warn when the linearised predictive's outputs or covariances hold NaN / Inf."""
+    rows = tf.reduce_all(tf.math.is_finite(mean), -1) & tf.reduce_all(
+        tf.math.is_finite(tf.reshape(covariance, [tf.shape(covariance)[0], -1])), -1
+    )
+    bad = int(tf.size(rows)) - int(tf.math.count_nonzero(rows))
+    if bad:
+        warnings.warn(
+            f"The GLM predictive is NaN or Inf for {bad} of {int(tf.size(rows))} examples: "
+            f"the network's outputs or its output covariance J Sigma J^T overflow "
+            f"{mean.dtype.name}. {_REMEDIES}.",
+            RuntimeWarning,
+            stacklevel=4,
+        )

@@ -98,10 +98,15 @@ def gridsearch(
     original = la.prior_precision
     scores = []
     try:
-        for value in grid:
-            la.prior_precision = float(value)
-            predictions = la.predict(x_val, pred_type=pred_type, link_approx=link_approx, seed=seed)
-            scores.append(float(metric(predictions, y_val)))
+        with warnings.catch_warnings():
+            # a grid value whose predictive overflows scores NaN and is passed over below
+            warnings.filterwarnings("ignore", "The (network|GLM predictive)", RuntimeWarning)
+            for value in grid:
+                la.prior_precision = float(value)
+                predictions = la.predict(
+                    x_val, pred_type=pred_type, link_approx=link_approx, seed=seed
+                )
+                scores.append(float(metric(predictions, y_val)))
     finally:
         la.prior_precision = original
     scores = np.asarray(scores)

@@ -253,3 +253,42 @@ def test_documented_recipe_turns_a_softmax_model_into_a_logits_model(data):
     logits_model.layers[-1].activation = keras.activations.linear
     np.testing.assert_allclose(tf.nn.softmax(logits_model(x)), model(x), rtol=1e-5, atol=1e-7)
     DiagonalLaplace(logits_model, "classification").fit((x, y))
+
+
+def test_predict_names_the_index_of_a_non_finite_input_in_a_later_batch(data):
+    x, y = data
+    la = DiagonalLaplace(mlp(), "classification").fit((x, y))
+    bad = x.copy()
+    bad[33, 0] = np.inf
+    with pytest.raises(ValueError, match="inputs contain NaN or Inf: example 33"):
+        la.predict(bad, batch_size=16)
+
+
+def test_unbatched_dataset_is_refused_with_a_message_about_batching(data):
+    x, y = data
+    model = mlp()
+    before = weights_of(model)
+    unbatched = tf.data.Dataset.from_tensor_slices((x, y))
+    with pytest.raises(ValueError, match=r"not to be batched.*\.batch\(n\)"):
+        DiagonalLaplace(model, "classification").fit(unbatched)
+    la = DiagonalLaplace(model, "classification").fit((x, y))
+    with pytest.raises(ValueError, match=r"not to be batched.*\.batch\(n\)"):
+        la.predict(tf.data.Dataset.from_tensor_slices(x))
+    with pytest.raises(ValueError, match=r"not to be batched"):
+        diagonal(model, unbatched, likelihood="classification")
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(model), strict=True))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ggn_mc", "ef"])
+@pytest.mark.parametrize("likelihood", ["classification", "binary"])
+def test_flat_and_column_labels_work_in_either_order_on_one_model(data, kind, likelihood):
+    x, y = data
+    model = mlp(3 if likelihood == "classification" else 1)
+    labels = y if likelihood == "classification" else y % 2
+    flat = DiagonalLaplace(model, likelihood, curvature=kind).fit((x, labels), seed=0)
+    column = DiagonalLaplace(model, likelihood, curvature=kind).fit((x, labels[:, None]), seed=0)
+    again = DiagonalLaplace(model, likelihood, curvature=kind).fit((x, labels), seed=0)
+    for la in (column, again):
+        for h, reference in zip(la.curvature_diagonal(), flat.curvature_diagonal(), strict=True):
+            np.testing.assert_allclose(h, reference, rtol=1e-6)
+        assert float(la.log_likelihood()) == pytest.approx(float(flat.log_likelihood()))

@@ -21,10 +21,11 @@ import keras
 import tensorflow as tf
 
 from laplace_tf._checks import positive_int, resolve_seed
-from laplace_tf._data import DEFAULT_BATCH_SIZE, batched, iterate_batches
-from laplace_tf._validation import BatchChecker, check_output_activation
+from laplace_tf._data import DEFAULT_BATCH_SIZE, iterate_batches
+from laplace_tf._validation import BatchChecker, check_output_activation, checked_inputs
 from laplace_tf.curvature.distributed import replicated, strategy_of
 from laplace_tf.curvature.hessian import hessian_diagonal
+from laplace_tf.curvature.layers import Outer
 from laplace_tf.curvature.registry import is_piecewise_linear_layer
 from laplace_tf.curvature.tracing import graph_of, trace
 from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
@@ -37,6 +38,10 @@ UNROLLED_COLUMNS = 16
 #: Bound on the cut cotangents kept per example while fitting (columns x cut sizes); above
 #: it the columns of S are processed in chunks, trading a little speed for memory.
 COLUMN_ENTRIES_PER_EXAMPLE = 2**15
+#: Bound on the entries of cut cotangents and per-example gradients that the GLM
+#: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
+#: processed in chunks of examples, whatever the user's batch size.
+PREDICT_ENTRIES = 2**25
 
 
 def diagonal(
@@ -197,16 +202,54 @@ def glm_moments(
     params: Sequence[Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Outputs ``f(x)`` (``[N, C]``) and :func:`output_covariance` from one pass."""
+    """Outputs ``f(x)`` (``[N, C]``) and :func:`output_covariance` from one pass.
+
+    ``x`` is an array (dict, list) batched by ``batch_size``, or a batched dataset of
+    ``x`` or ``(x, y, ...)``. Working memory is bounded whatever the batch size: a batch
+    whose cut cotangents and per-example gradients (all ``C`` columns) would exceed
+    :data:`PREDICT_ENTRIES` entries is processed in chunks of examples.
+    """
     variables = _model_variables(model, params)
     weights = [tf.convert_to_tensor(w, v.dtype) for w, v in zip(weights, variables, strict=True)]
     for w, v in zip(weights, variables, strict=True):
         if w.shape != v.shape:
             raise ValueError(f"weights for {v.path} have shape {w.shape}, expected {v.shape}.")
     step = _cached(model, ("covariance",), variables, lambda: _covariance_step(model, variables))
-    dataset = batched(x, batch_size)
-    means, covariances = zip(*(step(batch, weights) for batch in dataset), strict=True)
+    means, covariances = [], []
+    for batch in checked_inputs(model, x, batch_size):
+        chunk = max(1, PREDICT_ENTRIES // _entries_per_example(model, variables, batch))
+        count = int(tf.nest.flatten(batch)[0].shape[0])
+        for start in range(0, count, chunk):
+            part = tf.nest.map_structure(lambda t, s=start: t[s : s + chunk], batch)
+            mean, covariance = step(part, weights)
+            means.append(mean)
+            covariances.append(covariance)
     return tf.concat(means, axis=0), tf.concat(covariances, axis=0)
+
+
+def _entries_per_example(model: keras.Model, variables: list, batch: Any) -> int:
+    """Entries the covariance step holds per example: ``C`` columns times (the cut sizes
+    plus the largest weight whose factor forms per-example gradients; an :class:`Outer`
+    factor never does). Read from a trace of one example, once per model, weights and
+    input shape."""
+    shapes = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten(batch))
+
+    def measure():
+        head = tf.nest.map_structure(lambda t: t[:1], batch)
+        with tf.GradientTape():
+            outputs, sites = trace(model, head, variables)
+        width = max(1, int(outputs.shape[-1]))
+        cuts, largest = 0, 0
+        for site in sites:
+            cuts += max(1, site.cut.shape[1:].num_elements() or 1)
+            zeros = tf.zeros([1, width, *site.cut.shape[1:]], site.cut.dtype)
+            for factor in site.factors(zeros):
+                if not isinstance(factor, Outer):
+                    size = sum(v.shape.num_elements() for v in factor.variables)
+                    largest = max(largest, size)
+        return width * (cuts + largest)
+
+    return _cached(model, ("entries_per_example", shapes), variables, measure)
 
 
 def is_piecewise_linear(model: keras.Model) -> bool:
