@@ -220,7 +220,7 @@ def glm_moments(
         chunk = max(1, PREDICT_ENTRIES // _entries_per_example(model, variables, batch))
         count = int(tf.nest.flatten(batch)[0].shape[0])
         for start in range(0, count, chunk):
-            part = tf.nest.map_structure(lambda t, s=start: t[s : s + chunk], batch)
+            part = tf.nest.map_structure(lambda t, s=start, e=start + chunk: t[s:e], batch)
             mean, covariance = step(part, weights)
             means.append(mean)
             covariances.append(covariance)
