@@ -6,6 +6,7 @@ from laplace_tf.curvature.hessian import hessian_diagonal, hutchinson_diagonal
 from laplace_tf.curvature.registry import Rule, register_rule, unregister_rule
 from laplace_tf.curvature.structured import (
     KINDS,
+    FallbackWarning,
     diagonal,
     is_piecewise_linear,
     output_covariance,
@@ -13,6 +14,7 @@ from laplace_tf.curvature.structured import (
 
 __all__ = [
     "KINDS",
+    "FallbackWarning",
     "Rule",
     "diagonal",
     "explain",

@@ -215,13 +215,16 @@ class PerExample:
 
     ``fn(inputs)`` maps a batch of inputs (any structure, leading batch axis) to one
     tensor whose cotangents are ``cotangents[:, k]``. Gradients are formed for chunks of
-    examples (bounded by :data:`FALLBACK_CHUNK_ENTRIES`) and reduced at once.
+    examples (bounded by :data:`FALLBACK_CHUNK_ENTRIES`) and reduced at once. With
+    ``vectorize=False`` the pairs of a chunk are differentiated one after another in a
+    loop instead of by ``tf.vectorized_map`` (see :func:`vectorizable`).
     """
 
     variables: list
     fn: Callable[[Any], tf.Tensor]
     inputs: Any
     cotangents: tf.Tensor  # [N, K, *output_shape]
+    vectorize: bool = True
 
     def _chunk(self) -> int:
         columns = self.cotangents.shape[1] or 1
@@ -248,7 +251,12 @@ class PerExample:
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
 
-        grads = tf.vectorized_map(one_pair, tf.range(tf.size(examples) * columns))
+        pairs = tf.range(tf.size(examples) * columns)
+        if self.vectorize:
+            grads = tf.vectorized_map(one_pair, pairs)
+        else:
+            signature = [tf.TensorSpec(v.shape, v.dtype) for v in self.variables]
+            grads = tf.map_fn(one_pair, pairs, fn_output_signature=signature)
         return [
             tf.reshape(g, tf.concat([[tf.size(examples), columns], v.shape], 0))
             for g, v in zip(grads, self.variables, strict=True)
@@ -299,6 +307,16 @@ def columns_gram(column: Callable[[tf.Tensor], tf.Tensor], cotangents: tf.Tensor
         fn_output_signature=tf.TensorSpec(None, cotangents.dtype),
     )
     return tf.transpose(per_column, [1, 2, 0])
+
+
+def vectorizable(layer: keras.layers.Layer) -> bool:
+    """Whether the fallback may ``tf.vectorized_map`` over ``layer``: not when it holds an
+    ``EinsumDense`` with a bias, whose vectorised gradient aborts the whole process in
+    float32 on some machines (a crash inside TensorFlow, seen with MultiHeadAttention)."""
+    return not any(
+        isinstance(sublayer, keras.layers.EinsumDense) and sublayer.bias is not None
+        for sublayer in layer._flatten_layers(include_self=True, recursive=True)
+    )
 
 
 def _is_batched(value: Any) -> bool:
@@ -380,10 +398,18 @@ def _einsum_specs(layer, rank: int):
 
 
 def _einsum_applies(layer) -> bool:
+    """The input rank is read from the equation, or from the layer's input where the
+    equation has an ellipsis (a sub-layer called inside another layer has no input)."""
     if not plain(layer):
         return False
-    shape = layer.input.shape if layer._inbound_nodes else None
-    return shape is not None and _einsum_specs(layer, len(shape)) is not None
+    inputs = layer.equation.split(",")[0]
+    if "..." not in inputs:
+        rank = len(inputs)
+    elif layer._inbound_nodes:
+        rank = len(layer.input.shape)
+    else:
+        return False
+    return _einsum_specs(layer, rank) is not None
 
 
 def _einsum_forward(layer, inputs):

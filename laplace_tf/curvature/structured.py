@@ -10,6 +10,8 @@ posterior variances as weights give the GLM predictive covariance ``J diag(w) J^
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import warnings
 import weakref
@@ -155,6 +157,8 @@ def fit_diagonal(
     )
     total, nll, count, shape = None, 0.0, 0, None
     for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
+        if index == 0:
+            _warn_fallbacks(model, variables, x)
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
         total = _add_in_float64(total, parts)
         nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
@@ -227,11 +231,25 @@ def glm_moments(
     return tf.concat(means, axis=0), tf.concat(covariances, axis=0)
 
 
+@dataclass(frozen=True)
+class _TraceSummary:
+    """What a trace of one example tells about the engine's work on a model."""
+
+    entries_per_example: int  # C columns x (cut sizes + largest per-example gradient)
+    fallbacks: tuple  # (layer name, layer class, weight count) of fallback sites
+
+
 def _entries_per_example(model: keras.Model, variables: list, batch: Any) -> int:
-    """Entries the covariance step holds per example: ``C`` columns times (the cut sizes
-    plus the largest weight whose factor forms per-example gradients; an :class:`Outer`
-    factor never does). Read from a trace of one example, once per model, weights and
-    input shape."""
+    return _trace_summary(model, variables, batch).entries_per_example
+
+
+def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSummary:
+    """Traces one example of ``batch``, once per model, weights and input shape.
+
+    The entries are what the covariance step holds per example: ``C`` columns times (the
+    cut sizes plus the largest weight whose factor forms per-example gradients; an
+    :class:`Outer` factor never does).
+    """
     shapes = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten(batch))
 
     def measure():
@@ -239,7 +257,7 @@ def _entries_per_example(model: keras.Model, variables: list, batch: Any) -> int
         with tf.GradientTape():
             outputs, sites = trace(model, head, variables)
         width = max(1, int(outputs.shape[-1]))
-        cuts, largest = 0, 0
+        cuts, largest, fallbacks = 0, 0, []
         for site in sites:
             cuts += max(1, site.cut.shape[1:].num_elements() or 1)
             zeros = tf.zeros([1, width, *site.cut.shape[1:]], site.cut.dtype)
@@ -247,9 +265,35 @@ def _entries_per_example(model: keras.Model, variables: list, batch: Any) -> int
                 if not isinstance(factor, Outer):
                     size = sum(v.shape.num_elements() for v in factor.variables)
                     largest = max(largest, size)
-        return width * (cuts + largest)
+            if site.rule is None:
+                size = sum(v.shape.num_elements() for v in site.variables)
+                fallbacks.append((site.layer.name, type(site.layer).__name__, size))
+        return _TraceSummary(width * (cuts + largest), tuple(fallbacks))
 
-    return _cached(model, ("entries_per_example", shapes), variables, measure)
+    return _cached(model, ("trace_summary", shapes), variables, measure)
+
+
+def _warn_fallbacks(model: keras.Model, variables: list, batch: Any) -> None:
+    """One warning naming the layers that take the per-example fallback, if any."""
+    fallbacks = _trace_summary(model, variables, batch).fallbacks
+    if not fallbacks:
+        return
+    total = sum(v.shape.num_elements() for v in variables)
+    listed = ", ".join(
+        f"{name!r} ({kind}, {size:,} weights, {size / total:.0%})" for name, kind, size in fallbacks
+    )
+    warnings.warn(
+        f"{len(fallbacks)} layer(s) have no curvature rule and take the slow per-example "
+        f"fallback (about one backward pass per example and column): {listed}. "
+        "laplace_tf.curvature.explain(model) lists every weight's rule; subset='last_layer' "
+        "or kind='ggn_mc' / 'ef' (one column) are faster.",
+        FallbackWarning,
+        stacklevel=4,
+    )
+
+
+class FallbackWarning(UserWarning):
+    """Some selected weights are differentiated by the slow generic per-example fallback."""
 
 
 def is_piecewise_linear(model: keras.Model) -> bool:
@@ -474,5 +518,32 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=
                 progress(totals["count"])
             yield x, y
 
-    diagonal = hessian_diagonal(batch_loss, variables, data=streamed())
+    try:
+        with _quiet_tensorflow_logger():  # pfor logs pages of graph dumps before it fails
+            diagonal = hessian_diagonal(batch_loss, variables, data=streamed())
+    except ValueError as error:
+        if "vectorizing the jacobian" not in str(error):
+            raise
+        loops = [
+            f"{layer.name!r} ({type(layer).__name__})"
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.RNN | keras.layers.Bidirectional)
+        ]
+        where = ", ".join(loops) if loops else "a layer with a loop (e.g. a recurrent layer)"
+        raise ValueError(
+            f"kind='hessian' cannot differentiate this model twice: TensorFlow cannot "
+            f"vectorise the second derivative through {where}. Use kind='ggn' (exact "
+            f"Gauss-Newton), 'ggn_mc' or 'ef', which need first derivatives only."
+        ) from error
     return CurvatureFit(diagonal, totals["nll"], totals["count"], totals["width"])
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logger():
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

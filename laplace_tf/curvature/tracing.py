@@ -20,7 +20,7 @@ from keras.src.backend import AutocastScope, get_keras_mask, set_keras_mask
 from keras.src.models.functional import Functional
 from keras.src.models.sequential import Sequential
 
-from laplace_tf.curvature.layers import PerExample, Rule, rule_for
+from laplace_tf.curvature.layers import PerExample, Rule, rule_for, vectorizable
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Site:
 
     def factors(self, cotangents: tf.Tensor) -> list:
         if self.rule is None:
-            return [PerExample(self.variables, self._call_on, self.inputs, cotangents)]
+            vectorize = vectorizable(self.layer)
+            return [PerExample(self.variables, self._call_on, self.inputs, cotangents, vectorize)]
         selected = {id(v) for v in self.variables}
         return [
             f
@@ -117,6 +118,9 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
     if graph_of(layer) is not None:
         return lambda *args, **kwargs: _run_graph_model(layer, args, kwargs, sites, selected_ids)
     rule = rule_for(layer)
+    inner = _inner_rules(layer, variables) if rule is None else None
+    if inner is not None:
+        return lambda *args, **kwargs: _call_recording_inner(layer, inner, sites, args, kwargs)
 
     def call(*args, **kwargs):
         tensor_kwargs = [k for k, v in kwargs.items() if v is not None and k != "training"]
@@ -136,6 +140,57 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
         return outputs
 
     return call
+
+
+#: Layers whose weights are used only by calling their sub-layers, each once, so that
+#: their sub-layers' rules can cut them (a layer that also read a sub-layer's weights
+#: directly, e.g. tied embeddings, would lose that use).
+COMPOSITE_LAYERS = (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)
+
+
+def _inner_rules(layer, variables: list) -> list[tuple[Any, Rule, list]] | None:
+    """``(sub-layer, rule, weights)`` for a layer of :data:`COMPOSITE_LAYERS` whose
+    selected weights all belong to sub-layers that have a rule (the EinsumDense
+    projections of attention), or ``None``."""
+    if type(layer) not in COMPOSITE_LAYERS:
+        return None
+    selected = _ids(variables)
+    inner, covered = [], set()
+    for sublayer in layer._flatten_layers(include_self=False, recursive=True):
+        own = [v for v in sublayer._trainable_variables if id(v) in selected]
+        if not own:
+            continue
+        rule = rule_for(sublayer)
+        if rule is None:
+            return None
+        inner.append((sublayer, rule, own))
+        covered.update(id(v) for v in own)
+    return inner if inner and covered == selected else None
+
+
+def _call_recording_inner(layer, inner, sites: list[Site], args, kwargs):
+    """Call ``layer`` with each sub-layer of ``inner`` cut by its rule and recorded as a
+    site (its ``call`` is replaced for the duration of this call only). A sub-layer called
+    twice gets two sites, which the coverage check turns into the whole-model fallback."""
+
+    def recording(sublayer, rule, own):
+        def call(inputs, *unused_args, **unused_kwargs):
+            cut, outputs = rule.forward(sublayer, inputs)
+            sites.append(Site(sublayer, rule, inputs, cut, own))
+            return outputs
+
+        return call
+
+    for sublayer, rule, own in inner:
+        sublayer.call = recording(sublayer, rule, own)
+    try:
+        outputs = _call(layer, *args, **kwargs)
+    finally:
+        for sublayer, _, _ in inner:
+            del sublayer.call
+    if not isinstance(outputs, tf.Tensor):
+        raise _Untraceable
+    return outputs
 
 
 def _call(layer, *args, **kwargs):
