@@ -495,7 +495,9 @@ class DiagonalLaplace:
             ],
             axis=1,
         )
-        predictive.warn_non_finite_draws(outputs, max(float(tf.reduce_max(s)) for s in stddev))
+        if not bool(tf.reduce_all(tf.math.is_finite(outputs))):
+            largest = max(float(tf.reduce_max(s)) for s in stddev)
+            predictive.warn_non_finite_draws(outputs, largest)
         return outputs
 
 

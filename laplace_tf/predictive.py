@@ -77,12 +77,13 @@ _REMEDIES = (
 )
 
 
-def warn_non_finite_draws(outputs: tf.Tensor, largest_stddev: float) -> None:
+def warn_non_finite_draws(outputs: tf.Tensor, largest_deviation: float) -> None:
     """Warn when sampled networks (``[S, N, C]`` outputs) gave NaN / Inf.
 
     In a deep network, weights drawn from a broad posterior scale the activations layer
     after layer (BatchNorm in inference mode does not renormalise them), so draws can
-    overflow the float range: their predictive is not defined.
+    overflow the float range: their predictive is not defined. ``largest_deviation`` is
+    how far the draws go from the MAP weights (a typical or the largest deviation).
     """
     finite = tf.reduce_all(tf.math.is_finite(tf.reshape(outputs, [tf.shape(outputs)[0], -1])), 1)
     bad = int(tf.size(finite)) - int(tf.math.count_nonzero(finite))
@@ -90,8 +91,8 @@ def warn_non_finite_draws(outputs: tf.Tensor, largest_stddev: float) -> None:
         warnings.warn(
             f"The network gave NaN or Inf outputs for {bad} of {int(tf.size(finite))} posterior "
             f"weight draws (pred_type='nn'), so the predictions are not finite. The draws "
-            f"overflow {outputs.dtype.name}: posterior standard deviations reach "
-            f"{largest_stddev:.3g}, and in a deep network each layer multiplies the "
+            f"overflow {outputs.dtype.name}: they move weights from the MAP by up to about "
+            f"{largest_deviation:.3g}, and in a deep network each layer multiplies the "
             f"perturbation. {_REMEDIES}, or pred_type='glm'.",
             RuntimeWarning,
             stacklevel=4,

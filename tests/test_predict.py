@@ -70,9 +70,11 @@ def test_glm_predict_memory_is_bounded_by_chunks_of_examples(monkeypatch):
     expected_mean, expected_covariance = la._glm(x, 256)
     variances = la.posterior_variance
     reference = output_covariance(la.model, x, variances)
-    per_example = structured._entries_per_example(la.model, la.variables, x[:1])
-    # 8 + 16 + 12 cut entries, and the conv kernel's 54 per-example gradient entries
-    assert per_example == 3 * (3 * 16 + 3 + 54)
+    per_example = structured._trace_summary(la.model, la.variables, x[:1]).entries_per_example
+    # 3 columns of 3 * 16 + 3 cut entries, and the largest per-example gradients formed at
+    # once: the Dense kernel's Outer none, the conv kernel's 54 one column at a time, the
+    # biases theirs for all 3 columns
+    assert per_example == 3 * (3 * 16 + 3) + 54
     monkeypatch.setattr(structured, "PREDICT_ENTRIES", 5 * per_example)
     chunk_sizes = []
     step = structured._cached(la.model, ("covariance",), la.variables, lambda: None)
@@ -142,3 +144,23 @@ def test_gridsearch_passes_over_overflowing_values_quietly(fitted):
             "gridsearch", val_data=(x, y), grid=[1e-6, 1e4], pred_type="nn", seed=0
         )
     assert la.prior_precision == 1e4
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_every_structure_reads_a_dataset_and_chunks_its_glm_predictive(
+    fitted, structure, monkeypatch
+):
+    from laplace_tf.posterior import Laplace
+
+    _, x, y = fitted
+    la = Laplace(mlp(), "classification", structure=structure).fit((x, y))
+    expected = la.predict(x)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    np.testing.assert_allclose(la.predict(dataset), expected, rtol=1e-5, atol=1e-7)
+    monkeypatch.setattr(structured, "PREDICT_ENTRIES", 1)  # one example per chunk
+    np.testing.assert_allclose(la.predict(x), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        la.predict(dataset, pred_type="nn", n_samples=2, seed=3),
+        la.predict(x, pred_type="nn", n_samples=2, seed=3),
+        rtol=1e-6,
+    )

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from laplace_tf._checks import positive_int, resolve_seed
-from laplace_tf._data import DEFAULT_BATCH_SIZE, batched
+from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf._validation import check_output_activation
 from laplace_tf.curvature.layers import Explicit, Outer, Patches, PerExample, Rows
 from laplace_tf.curvature.structured import (
@@ -44,6 +44,7 @@ from laplace_tf.curvature.structured import (
     _model_variables,
     _replicated,
     is_piecewise_linear,
+    predict_chunks,
 )
 from laplace_tf.curvature.tracing import trace
 from laplace_tf.likelihoods import Likelihood, get_likelihood
@@ -447,7 +448,8 @@ def kron_glm_moments(
         lambda: _kron_covariance_step(model, variables),
     )
     tensors = [_covariance_tensors(c) for c in covariances]
-    means, covs = zip(*(step(batch, tensors) for batch in batched(x, batch_size)), strict=True)
+    chunks = predict_chunks(model, variables, x, batch_size)
+    means, covs = zip(*(step(part, tensors) for part in chunks), strict=True)
     return tf.concat(means, axis=0), tf.concat(covs, axis=0)
 
 
@@ -465,7 +467,9 @@ def full_glm_moments(
     step = _cached(
         model, ("full_covariance",), variables, lambda: _full_covariance_step(model, variables)
     )
-    results = [step(batch, precision_cholesky) for batch in batched(x, batch_size)]
+    size = sum(v.shape.num_elements() for v in variables)  # a dense Jacobian row per column
+    chunks = predict_chunks(model, variables, x, batch_size, per_column=size)
+    results = [step(part, precision_cholesky) for part in chunks]
     means, covs = zip(*results, strict=True)
     return tf.concat(means, axis=0), tf.concat(covs, axis=0)
 

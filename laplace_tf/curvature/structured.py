@@ -15,7 +15,7 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from laplace_tf._data import DEFAULT_BATCH_SIZE, iterate_batches
 from laplace_tf._validation import BatchChecker, check_output_activation, checked_inputs
 from laplace_tf.curvature.distributed import replicated, strategy_of
 from laplace_tf.curvature.hessian import hessian_diagonal
-from laplace_tf.curvature.layers import Outer
+from laplace_tf.curvature.layers import Outer, Patches
 from laplace_tf.curvature.registry import is_piecewise_linear_layer
 from laplace_tf.curvature.tracing import graph_of, trace
 from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
@@ -219,36 +219,43 @@ def glm_moments(
         if w.shape != v.shape:
             raise ValueError(f"weights for {v.path} have shape {w.shape}, expected {v.shape}.")
     step = _cached(model, ("covariance",), variables, lambda: _covariance_step(model, variables))
-    means, covariances = [], []
+    results = [step(part, weights) for part in predict_chunks(model, variables, x, batch_size)]
+    means, covariances = zip(*results, strict=True)
+    return tf.concat(means, axis=0), tf.concat(covariances, axis=0)
+
+
+def predict_chunks(
+    model: keras.Model, variables: list, x: Any, batch_size: int, per_column: int = 0
+) -> Iterator[Any]:
+    """The checked input batches of ``x``, cut into chunks of examples whose working set
+    (cut cotangents and per-example gradients for all ``C`` output columns, plus
+    ``per_column`` entries per column, e.g. a dense Jacobian row) stays within
+    :data:`PREDICT_ENTRIES`, whatever ``batch_size`` is."""
     for batch in checked_inputs(model, x, batch_size):
-        chunk = max(1, PREDICT_ENTRIES // _entries_per_example(model, variables, batch))
+        summary = _trace_summary(model, variables, batch)
+        chunk = max(
+            1, PREDICT_ENTRIES // (summary.entries_per_example + summary.width * per_column)
+        )
         count = int(tf.nest.flatten(batch)[0].shape[0])
         for start in range(0, count, chunk):
-            part = tf.nest.map_structure(lambda t, s=start, e=start + chunk: t[s:e], batch)
-            mean, covariance = step(part, weights)
-            means.append(mean)
-            covariances.append(covariance)
-    return tf.concat(means, axis=0), tf.concat(covariances, axis=0)
+            yield tf.nest.map_structure(lambda t, s=start, e=start + chunk: t[s:e], batch)
 
 
 @dataclass(frozen=True)
 class _TraceSummary:
     """What a trace of one example tells about the engine's work on a model."""
 
-    entries_per_example: int  # C columns x (cut sizes + largest per-example gradient)
+    entries_per_example: int  # C columns x cut sizes + the largest per-example gradients
+    width: int  # C, the number of outputs
     fallbacks: tuple  # (layer name, layer class, weight count) of fallback sites
-
-
-def _entries_per_example(model: keras.Model, variables: list, batch: Any) -> int:
-    return _trace_summary(model, variables, batch).entries_per_example
 
 
 def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSummary:
     """Traces one example of ``batch``, once per model, weights and input shape.
 
-    The entries are what the covariance step holds per example: ``C`` columns times (the
-    cut sizes plus the largest weight whose factor forms per-example gradients; an
-    :class:`Outer` factor never does).
+    The entries are what the covariance step holds per example: ``C`` columns times the
+    cut sizes, plus the largest per-example gradients a factor forms at once (none for
+    :class:`Outer`; one column's for :class:`Patches`; all ``C`` columns' otherwise).
     """
     shapes = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten(batch))
 
@@ -264,11 +271,11 @@ def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSum
             for factor in site.factors(zeros):
                 if not isinstance(factor, Outer):
                     size = sum(v.shape.num_elements() for v in factor.variables)
-                    largest = max(largest, size)
+                    largest = max(largest, size if isinstance(factor, Patches) else width * size)
             if site.rule is None:
                 size = sum(v.shape.num_elements() for v in site.variables)
                 fallbacks.append((site.layer.name, type(site.layer).__name__, size))
-        return _TraceSummary(width * (cuts + largest), tuple(fallbacks))
+        return _TraceSummary(width * cuts + largest, width, tuple(fallbacks))
 
     return _cached(model, ("trace_summary", shapes), variables, measure)
 

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf import tuning
+from laplace_tf import predictive, tuning
 from laplace_tf._checks import positive_float, positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf._validation import check_output_activation
@@ -587,7 +587,7 @@ class Laplace:
 
     def _glm(self, x: Any, batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
         """Outputs ``f(x)`` and the GLM output covariance per example."""
-        return self.record.structure.glm_moments(
+        mean, covariance = self.record.structure.glm_moments(
             self.model,
             x,
             self.variables,
@@ -595,6 +595,8 @@ class Laplace:
             self._scaling(None),
             batch_size,
         )
+        predictive.warn_non_finite_glm(mean, covariance)
+        return mean, covariance
 
     def predictive_samples(
         self,

@@ -17,8 +17,7 @@ import tensorflow as tf
 
 from laplace_tf import predictive
 from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
-from laplace_tf._data import batched
-from laplace_tf._validation import check_finite_inputs
+from laplace_tf._validation import checked_inputs
 
 if TYPE_CHECKING:
     from laplace_tf.posterior.core import Laplace
@@ -41,7 +40,6 @@ def predict(
     _ = la.record
     check_choice("pred_type", pred_type, PRED_TYPES)
     check_choice("link_approx", link_approx, predictive.LINK_APPROXIMATIONS)
-    check_finite_inputs(x)
     regression = la.likelihood_name == "regression"
     noise = la.sigma_noise**2 if include_noise else 0.0
     if pred_type == "nn":
@@ -84,7 +82,6 @@ def predictive_samples(
     _ = la.record
     check_choice("pred_type", pred_type, PRED_TYPES)
     n_samples = positive_int("n_samples", n_samples)
-    check_finite_inputs(x)
     seed = resolve_seed(seed)
     if pred_type == "glm":
         mean, covariance = la._glm(x, batch_size)
@@ -111,19 +108,32 @@ def link(likelihood: str, outputs: tf.Tensor) -> tf.Tensor:
 def sampled_outputs(la: Laplace, x: Any, n_samples: int, seed: int, batch_size: int) -> tf.Tensor:
     """Network outputs ``[S, N, C]`` at ``S`` weight draws, one draw in memory at a time.
 
-    Draw ``s`` of weight ``i`` uses the stateless seed ``fold_in((seed, s), i)``.
+    Draw ``s`` of weight ``i`` uses the stateless seed ``fold_in((seed, s), i)`` for every
+    batch, so the inputs (arrays or a dataset) are read once.
     """
     if la._nn_forward is None:
         la._nn_forward = stateless_forward(la.model, la.variables)
     mean = la.mean
-    batches = list(batched(x, batch_size))
-    outputs = []
+    draws = []
     for s in range(n_samples):
         draw_seed = tf.constant([seed, s], tf.int64)
         seeds = [tf.random.experimental.stateless_fold_in(draw_seed, i) for i in range(len(mean))]
-        values = [m + d for m, d in zip(mean, la.weight_deviations(seeds, []), strict=True)]
-        outputs.append(tf.concat([la._nn_forward(values, b) for b in batches], axis=0))
-    return tf.stack(outputs)
+        draws.append([m + d for m, d in zip(mean, la.weight_deviations(seeds, []), strict=True)])
+    outputs = tf.concat(
+        [
+            tf.stack([la._nn_forward(values, batch) for values in draws])
+            for batch in checked_inputs(la.model, x, batch_size)
+        ],
+        axis=1,
+    )
+    if not bool(tf.reduce_all(tf.math.is_finite(outputs))):
+        deviation = max(
+            float(tf.reduce_max(tf.abs(value - m)))
+            for values in draws
+            for value, m in zip(values, mean, strict=True)
+        )
+        predictive.warn_non_finite_draws(outputs, deviation)
+    return outputs
 
 
 def stateless_forward(model: keras.Model, variables: list):
