@@ -11,6 +11,7 @@ diagonal) built explicitly with ``np.kron`` from the fitted factors (which
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -346,3 +347,17 @@ def test_marglik_tuning_ends_at_a_stationary_point_and_gridsearch_runs(structure
     assert np.abs(tape.gradient(value, log_prior).numpy()).max() < 1e-5 * N
     la.optimize_prior_precision("gridsearch", val_data=(x, y), grid=[0.1, 1.0, 10.0])
     assert la.prior_precision in (0.1, 1.0, 10.0)
+
+
+def test_full_hessian_clips_negative_eigenvalues():
+    model = mlp()
+    x, y = data("classification")
+    delta = 0.5
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        la = Laplace(
+            model, "classification", structure="full", curvature="hessian", prior_precision=delta
+        ).fit((x, y))
+    eigenvalues = np.linalg.eigvalsh(np.asarray(la.posterior_precision))
+    assert eigenvalues.min() >= delta - 1e-10
+    assert np.isfinite(float(la.log_marginal_likelihood()))

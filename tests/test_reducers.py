@@ -314,3 +314,21 @@ def test_dense_on_sequences_is_factored_like_a_convolution():
     b = reference_b(model, "tokens", x, "classification")
     assert_close(block.outputs, b)
     assert_close(fit.curvature[1].matrix, b)
+
+
+def test_full_hessian_of_a_tanh_model_is_the_dense_hessian():
+    """Not piecewise linear: the exact Hessian (from nested tapes here, without pfor)."""
+    model = mlp()
+    x, y = data(model, "classification")
+    fit = reducers.fit_full(model, (x, y), likelihood="classification", kind="hessian")
+    sources = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            f = model(tf.constant(x), training=False)
+            nll = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, f))
+        flat = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(nll, sources)], 0)
+    rows = outer.jacobian(flat, sources, experimental_use_pfor=False)
+    hessian = np.concatenate([np.reshape(r.numpy(), (len(flat), -1)) for r in rows], axis=1)
+    assert_close(fit.curvature, hessian)
+    ggn = dense_ggn(model, x, "classification", model.trainable_variables)
+    assert np.abs(hessian - ggn).max() > 1e-3 * np.abs(ggn).max()

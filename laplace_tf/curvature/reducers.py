@@ -27,7 +27,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from laplace_tf._checks import positive_int, resolve_seed
+from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf._validation import check_output_activation
 from laplace_tf.curvature.layers import Explicit, Outer, Patches, PerExample, Rows
@@ -200,9 +200,10 @@ def fit_full(
     progress: Callable[[int], None] | None = None,
 ) -> StructuredFit:
     """The ``P x P`` curvature ``sum_n sum_k g_nk g_nk^T`` (float64) of the selected weights,
-    flattened row-major and concatenated in order. Per batch, columns of ``S`` are taken
-    in chunks so that at most :data:`FULL_GRADIENT_ENTRIES` gradient entries exist at once.
-    Arguments as :func:`laplace_tf.curvature.diagonal`."""
+    flattened row-major and concatenated in order (``kind="hessian"`` on a model that is
+    not piecewise linear: the exact Hessian, from Hessian-vector products). Per batch,
+    columns of ``S`` are taken in chunks so that at most :data:`FULL_GRADIENT_ENTRIES`
+    gradient entries exist at once. Arguments as :func:`laplace_tf.curvature.diagonal`."""
     step, _ = _structured_step(
         model, likelihood, kind, params, mc_samples, "full", batch_size=batch_size
     )
@@ -232,16 +233,18 @@ def _structured_step(model, likelihood, kind, params, mc_samples, reducer, batch
     likelihood = get_likelihood(likelihood)
     variables = _model_variables(model, params)
     check_output_activation(model, likelihood)
-    if kind == "hessian":
-        if not is_piecewise_linear(model):
-            raise ValueError(
-                f"curvature='hessian' with the {reducer} structure needs a piecewise-linear "
-                "model (ReLU-like activations), where it equals the GGN; use curvature='ggn' "
-                "or the diagonal structure."
-            )
-        kind = "ggn"
-    key = (reducer, _likelihood_key(likelihood), kind, mc_samples, batch_size)
     build = _kron_step if reducer == "kron" else _full_step
+    if kind == "hessian" and is_piecewise_linear(model):
+        kind = "ggn"  # the same matrix (almost everywhere), from the cheaper factors
+    elif kind == "hessian" and reducer == "full":
+        build = _hessian_step
+    elif kind == "hessian":
+        raise ValueError(
+            "curvature='hessian' with the kron structure needs a piecewise-linear model "
+            "(ReLU-like activations), where it equals the GGN; use curvature='ggn', or the "
+            "full or diagonal structure."
+        )
+    key = (reducer, _likelihood_key(likelihood), kind, mc_samples, batch_size)
     return _cached(
         model,
         key,
@@ -332,6 +335,27 @@ def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
             for i in range(len(variables))
         ]
         return [tf.concat(rows, axis=0)], likelihood.nll(outputs, y), tf.shape(outputs)
+
+    return _replicated(model, step), {}
+
+
+def _hessian_step(model, likelihood, variables, _kind, _mc_samples, _batch_size):
+    """The exact Hessian of the batch NLL in the selected weights, ``P`` Hessian-vector
+    products (vectorised) per batch: for models that are not piecewise linear."""
+    size = sum(v.shape.num_elements() for v in variables)
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def step(x, y, seed):
+        sources = [unwrap_variable(v) for v in variables]
+        with tf.GradientTape(persistent=True) as outer:
+            with tf.GradientTape() as inner:
+                outputs = _loss_outputs(model(x, training=False))
+                nll = likelihood.nll(outputs, y)
+            grads = inner.gradient(nll, sources, unconnected_gradients="zero")
+            flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+        rows = outer.jacobian(flat, sources, unconnected_gradients="zero")
+        hessian = tf.concat([tf.reshape(r, [size, -1]) for r in rows], axis=1)
+        return [tf.cast(hessian, tf.float64)], nll, tf.shape(outputs)
 
     return _replicated(model, step), {}
 

@@ -9,6 +9,7 @@ layer or small models: memory ``P^2`` and time ``P^3`` (see :data:`DEFAULT_SIZE_
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -62,7 +63,8 @@ class Full:
         progress: Callable[[int], None] | None,
         seed: int | None,
     ) -> tuple[Full, FitSummary]:
-        """The full Gram (:func:`~laplace_tf.curvature.reducers.fit_full`)."""
+        """The full Gram (:func:`~laplace_tf.curvature.reducers.fit_full`); an exact
+        Hessian's negative eigenvalues are set to 0 with a warning."""
         fitted = reducers.fit_full(
             model,
             data,
@@ -73,8 +75,11 @@ class Full:
             progress=progress,
             seed=seed,
         )
+        curvature = fitted.curvature
+        if kind == "hessian":
+            curvature = _clip_indefinite(curvature)
         structure = cls(
-            fitted.curvature,
+            curvature,
             tuple(tuple(v.shape) for v in variables),
             tuple(v.dtype for v in variables),
         )
@@ -170,3 +175,21 @@ class Full:
             tuple(tuple(v.shape) for v in variables),
             tuple(v.dtype for v in variables),
         )
+
+
+def _clip_indefinite(hessian: tf.Tensor) -> tf.Tensor:
+    """The Hessian of a non-convex loss can be indefinite, and ``H / T + delta`` then not
+    positive definite; its negative eigenvalues are set to 0 (with a warning when they
+    are more than rounding)."""
+    values, vectors = tf.linalg.eigh(0.5 * (hessian + tf.transpose(hessian)))
+    lowest, scale = float(tf.reduce_min(values)), float(tf.reduce_max(tf.abs(values)))
+    if lowest < -1e-8 * scale:
+        count = int(tf.math.count_nonzero(values < 0))
+        warnings.warn(
+            f"The Hessian has {count} negative eigenvalues out of {values.shape[0]} (lowest "
+            f"{lowest:.3g}): the loss is not convex there. They are set to 0. Consider "
+            "curvature='ggn', which is never negative.",
+            stacklevel=5,
+        )
+    clipped = tf.maximum(values, 0.0)
+    return tf.matmul(vectors * clipped, vectors, transpose_b=True)
