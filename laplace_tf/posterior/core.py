@@ -62,7 +62,8 @@ class Laplace:
         the others stay at their trained values.
     curvature : {"ggn", "ggn_mc", "ef", "hessian"}
         Curvature kind, see :func:`laplace_tf.curvature.diagonal`. ``"hessian"`` with
-        ``"kron"`` / ``"full"`` needs a piecewise-linear model (where it is the GGN).
+        ``"kron"`` needs a piecewise-linear model (where it is the GGN); with ``"full"``
+        it is the exact ``P x P`` Hessian.
     prior_precision : float, list of float, or list of arrays
         ``delta``: a scalar, one value per selected layer, or one array per selected
         weight (``"diag"`` and ``"full"`` only). Positive.
@@ -275,9 +276,9 @@ class Laplace:
         are not integers in ``[0, C)`` (classification) or not 0 / 1 (binary), and
         targets whose shape does not match the outputs raise ``ValueError`` naming the
         batch and the example's index in the data. With ``curvature="hessian"`` on a
-        non-convex loss, negative diagonal entries are set to 0 with a warning (the
-        posterior precision never drops below the prior's). A model built under a
-        ``tf.distribute`` strategy is fitted across its replicas.
+        non-convex loss, negative diagonal entries (``"full"``: eigenvalues) are set to 0
+        with a warning (the posterior precision never drops below the prior's). A model
+        built under a ``tf.distribute`` strategy is fitted across its replicas.
         """
         likelihood = (
             get_likelihood(self.likelihood_name, sigma_noise=1.0)
