@@ -188,3 +188,34 @@ def test_marglik_objective_is_scaled_per_example():
             value = la.log_marginal_likelihood(sigma_noise=tf.exp(log_sigma)) / n
         assert abs(float(tape.gradient(value, log_sigma))) < 1e-6
         assert la.sigma_noise == pytest.approx(0.1, rel=0.01)
+
+
+def test_a_likelihood_object_is_accepted():
+    from laplace_tf.likelihoods import Classification, Likelihood
+
+    class Smoothed(Classification):
+        """A user's likelihood: label-smoothed cross-entropy (its own NLL)."""
+
+        def nll(self, f, y):
+            return 0.9 * super().nll(f, y) - 0.1 * tf.reduce_sum(tf.nn.log_softmax(f)) / 3
+
+    model = mlp(width=3)
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(20, 3)), rng.integers(0, 3, 20)
+    by_name = Laplace(model, "classification", structure="kron").fit((x, y))
+    built_in = Laplace(model, Classification(), structure="kron").fit((x, y))
+    np.testing.assert_allclose(
+        np.asarray(built_in.log_marginal_likelihood()),
+        np.asarray(by_name.log_marginal_likelihood()),
+        rtol=1e-12,
+    )
+    smoothed = Laplace(model, Smoothed(), structure="kron").fit((x, y))
+    assert smoothed.record.likelihood is smoothed.likelihood
+    assert float(smoothed.log_likelihood()) != float(by_name.log_likelihood())
+    assert smoothed.predict(x).shape == (20, 3)
+
+    class Unnamed(Likelihood):
+        name = "poisson"
+
+    with pytest.raises(ValueError, match="needs a name among"):
+        Laplace(model, Unnamed())
