@@ -24,3 +24,20 @@ def test_scale_benchmark_quick_run():
     assert "peak RSS growth" in result.stdout
     for method in ("gradient", "ggn", "predict"):
         assert f" {method} " in result.stdout
+
+
+def test_zoo_benchmark_quick_run():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "zoo.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=BENCHMARKS,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for model in ("mobilenetv2", "bilstm", "transformer"):
+        row = next(line for line in result.stdout.splitlines() if line.startswith(model))
+        ratios = [float(cell[:-1]) for cell in row.split() if cell.endswith("x")]
+        assert len(ratios) == 6 and all(r > 0 for r in ratios[:2]), row
