@@ -1,27 +1,36 @@
-"""Saving and loading a fitted :class:`~laplace_tf.DiagonalLaplace`.
+"""Saving and loading a fitted :class:`~laplace_tf.Laplace` (any structure).
 
 The model itself is not stored: save it with Keras (``model.save("model.keras")``) and
 give it back to :func:`load`, which checks that it is the model the posterior was
 fitted on.
 
-File format (version 2)
+File format (version 3)
 -----------------------
 One uncompressed NumPy ``.npz`` archive, written by :func:`numpy.savez` and read with
 ``allow_pickle=False``. The path is used exactly as given (no ``.npz`` is appended).
 With ``k`` the number of selected weights (``la.variables``), it holds:
 
-- ``curvature_0`` ... ``curvature_{k-1}``: the curvature diagonal ``h`` of the summed NLL
-  (at unit noise for regression), shaped like the weight, in the weight's dtype;
+- the fitted curvature of the structure (at unit noise for regression), as its
+  ``state()`` gives it: ``structure="diag"``: ``curvature_0`` ... ``curvature_{k-1}``, the
+  diagonal ``h`` shaped like each weight in its dtype; ``"kron"``: per weight ``i`` the
+  float64 eigendecomposition of its block, ``block_{i}_inputs_values``,
+  ``block_{i}_inputs_basis``, ``block_{i}_outputs_values``, ``block_{i}_outputs_basis``
+  (a Kronecker block), ``block_{i}_values``, ``block_{i}_basis`` (a dense block) or
+  ``block_{i}_diagonal``; ``"full"``: ``curvature``, the ``P x P`` float64 matrix;
 - ``mean_0`` ... ``mean_{k-1}``: the MAP weights captured by ``fit``;
 - ``prior_precision_0`` ... (float64, shaped like the weights): only for a per-weight
   ("diag") prior precision;
 - ``prior_mean_0`` ...: only when the prior mean is not one constant;
 - ``metadata``: a 0-d unicode array holding a JSON object with the keys
 
-  - ``format``: ``"laplace_tf.DiagonalLaplace"``; ``version``: ``2`` (a reader refuses a
-    newer version); ``library_version``: the laplace_tf version that wrote the file;
+  - ``format``: ``"laplace_tf.DiagonalLaplace"`` (the format's name since version 1, for
+    every structure); ``version``: ``3`` (a reader refuses a newer version);
+    ``library_version``: the laplace_tf version that wrote the file;
+  - ``structure`` (``"diag"``, ``"kron"``, ``"full"``) and ``structure_state`` (JSON the
+    structure needs besides its arrays: ``{"blocks": [kind, ...]}`` for ``"kron"``);
   - ``likelihood``, ``curvature``, ``subset`` (``"all"``, ``"last_layer"`` or a list of
-    layer names), ``temperature``, ``sigma_noise``: the configuration;
+    layer names), ``temperature``, ``sigma_noise``, ``full_size_limit``: the
+    configuration;
   - ``prior_precision``: ``{"structure": "scalar", "value": float}``,
     ``{"structure": "layerwise", "value": [float, ...]}`` or ``{"structure": "diag"}``;
   - ``prior_mean``: ``{"structure": "constant", "value": float}`` or
@@ -36,10 +45,12 @@ With ``k`` the number of selected weights (``la.variables``), it holds:
     model (:func:`architecture_fingerprint`, :func:`weights_fingerprint`);
   - ``checksum``: sha256 hex digest over the other arrays in name order.
 
-Version 1 (laplace_tf 0.1) has the same layout; its architecture fingerprint also
-covered weight paths and layer names, so it is checked the old way when such a file is
-read. Version-1 files of Functional models keep loading; those of Sequential models
-could never be loaded into a reloaded model, since Keras renames their weights.
+Versions 1 and 2 hold a diagonal posterior in the same layout without ``structure``,
+``structure_state`` and ``full_size_limit``; they are read as ``structure="diag"``. The
+architecture fingerprint of version 1 (laplace_tf 0.1) also covered weight paths and
+layer names, so it is checked the old way when such a file is read. Version-1 files of
+Functional models keep loading; those of Sequential models could never be loaded into a
+reloaded model, since Keras renames their weights.
 
 Array digests (``checksum`` and the weights fingerprint) feed, per array, the UTF-8 JSON
 ``[name, dtype.str, shape]`` (``name`` is ``""`` for model weights) and then the array's
@@ -63,15 +74,15 @@ import numpy as np
 import tensorflow as tf
 
 import laplace_tf
-from laplace_tf.laplace import DiagonalLaplace
 from laplace_tf.likelihoods import LIKELIHOODS
+from laplace_tf.posterior import STRUCTURES, FitRecord, Laplace
 
 FORMAT = "laplace_tf.DiagonalLaplace"
-VERSION = 2
+VERSION = 3
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def save(la: DiagonalLaplace, path: str | os.PathLike) -> None:
+def save(la: Laplace, path: str | os.PathLike) -> None:
     """Write the fitted ``la`` to ``path`` (one ``.npz`` file, replaced atomically).
 
     The archive is written to a temporary file in the same directory, flushed to disk
@@ -85,17 +96,17 @@ def save(la: DiagonalLaplace, path: str | os.PathLike) -> None:
     TypeError
         If its likelihood is not one of the built-in names.
     """
-    fit = la._fitted()
+    if not la.is_fitted:
+        raise RuntimeError(f"This {type(la).__name__} is not fitted yet: call fit(data) first.")
     if not isinstance(la.likelihood, str) or la.likelihood not in LIKELIHOODS:
         raise TypeError(
             f"Only the built-in likelihoods ({', '.join(LIKELIHOODS)}) can be saved; this "
-            f"DiagonalLaplace uses {la.likelihood!r}."
+            f"{type(la).__name__} uses {la.likelihood!r}."
         )
-    arrays: dict[str, np.ndarray] = {}
-    for i, (h, m) in enumerate(zip(fit["curvature"], fit["mean"], strict=True)):
-        arrays[f"curvature_{i}"] = h.numpy()
-        arrays[f"mean_{i}"] = m.numpy()
-    prior = la._prior
+    fit = la.record
+    arrays, structure_state = fit.structure.state()
+    arrays.update({f"mean_{i}": m.numpy() for i, m in enumerate(fit.mean)})
+    prior = la.prior
     if prior.structure == "diag":
         arrays.update({f"prior_precision_{i}": np.asarray(p) for i, p in enumerate(prior.values)})
         prior_precision = {"structure": "diag"}
@@ -112,17 +123,20 @@ def save(la: DiagonalLaplace, path: str | os.PathLike) -> None:
         "format": FORMAT,
         "version": VERSION,
         "library_version": laplace_tf.__version__,
+        "structure": fit.structure.name,
+        "structure_state": structure_state,
         "likelihood": la.likelihood,
         "curvature": la.curvature,
         "subset": la.subset if isinstance(la.subset, str) else list(la.subset),
         "temperature": la.temperature,
         "sigma_noise": la.sigma_noise,
+        "full_size_limit": la.full_size_limit,
         "prior_precision": prior_precision,
         "prior_mean": prior_mean_entry,
         "fit": {
-            "n_data": int(fit["n_data"]),
-            "n_outputs": int(fit["n_outputs"]),
-            "loss": float(fit["loss"]),
+            "n_data": int(fit.n_data),
+            "n_outputs": int(fit.n_outputs),
+            "loss": float(fit.loss),
         },
         "weights": _describe(la.variables),
         "fingerprint": {
@@ -134,12 +148,20 @@ def save(la: DiagonalLaplace, path: str | os.PathLike) -> None:
     _write_atomically(os.fspath(path), {"metadata": np.array(json.dumps(metadata)), **arrays})
 
 
-def load(path: str | os.PathLike, model: keras.Model) -> DiagonalLaplace:
-    """Read a :class:`DiagonalLaplace` written by :func:`save`, attached to ``model``.
+def load(
+    path: str | os.PathLike,
+    model: keras.Model,
+    *,
+    cls: type[Laplace] = Laplace,
+    structure: str | None = None,
+) -> Laplace:
+    """Read a posterior written by :func:`save`, as a ``cls`` attached to ``model``.
 
     ``model`` must have the architecture and the weights the posterior was fitted on
     (e.g. the model saved with ``model.save`` and reloaded with
-    ``keras.models.load_model``). It is not modified.
+    ``keras.models.load_model``). It is not modified. A file whose structure differs from
+    ``structure`` (if given) or from the one ``cls`` fixes
+    (:attr:`Laplace.fixed_structure`) is refused.
 
     Raises
     ------
@@ -148,7 +170,7 @@ def load(path: str | os.PathLike, model: keras.Model) -> DiagonalLaplace:
     ValueError
         If the file is not a laplace_tf file, comes from a newer format version, is
         corrupted or truncated, or if ``model`` differs from the fitted one in
-        architecture, weights or selected weights.
+        architecture, weights or selected weights, or holds another structure.
     """
     path = os.fspath(path)
     if not isinstance(model, keras.Model):
@@ -158,7 +180,7 @@ def load(path: str | os.PathLike, model: keras.Model) -> DiagonalLaplace:
     metadata, arrays = _read(path)
     try:
         _check_model(path, model, metadata["fingerprint"], metadata["version"])
-        return _restore(model, metadata, arrays)
+        return _restore(path, model, metadata, arrays, cls, structure)
     except (KeyError, TypeError, IndexError) as error:
         raise ValueError(f"{path!r} has malformed metadata ({error!r}).") from error
 
@@ -177,7 +199,7 @@ def _check_model(path: str, model: keras.Model, fingerprint: dict[str, str], ver
         raise ValueError(
             f"model has different weights than the model {path!r} was fitted on: the "
             "posterior mean would not be the model's weights and its predictions would mix "
-            "two networks. Restore the fitted weights, or fit a new DiagonalLaplace."
+            "two networks. Restore the fitted weights, or fit a new posterior."
         )
 
 
@@ -256,11 +278,10 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if magic != _ZIP_MAGIC:
         raise ValueError(
             f"{path!r} is not a laplace_tf file (not an .npz archive); write one with "
-            "DiagonalLaplace.save()."
+            "Laplace.save()."
         )
     corrupted = (
-        f"{path!r} is corrupted or truncated; save the DiagonalLaplace again (or use a "
-        "backup copy)."
+        f"{path!r} is corrupted or truncated; save the posterior again (or use a backup copy)."
     )
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -275,8 +296,7 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def _parse_metadata(path: str, entry: np.ndarray | None) -> dict[str, Any]:
     not_ours = (
-        f"{path!r} is not a laplace_tf file (no {FORMAT} metadata); write one with "
-        "DiagonalLaplace.save()."
+        f"{path!r} is not a laplace_tf file (no {FORMAT} metadata); write one with Laplace.save()."
     )
     if entry is None or entry.shape != () or entry.dtype.kind != "U":
         raise ValueError(not_ours)
@@ -299,9 +319,21 @@ def _parse_metadata(path: str, entry: np.ndarray | None) -> dict[str, Any]:
 
 
 def _restore(
-    model: keras.Model, metadata: dict[str, Any], arrays: dict[str, np.ndarray]
-) -> DiagonalLaplace:
-    """A DiagonalLaplace on ``model`` with the configuration and fitted state of a file."""
+    path: str,
+    model: keras.Model,
+    metadata: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    cls: type[Laplace],
+    structure: str | None,
+) -> Laplace:
+    """A ``cls`` on ``model`` with the configuration and fitted state of a file."""
+    stored = metadata.get("structure", "diag")  # versions 1 and 2: diagonal only
+    expected = structure or cls.fixed_structure
+    if expected is not None and stored != expected:
+        raise ValueError(
+            f"{path!r} holds a structure={stored!r} posterior, not {expected!r}; load it "
+            "with laplace_tf.Laplace.load(path, model)."
+        )
     count = len(metadata["weights"])
     prior = metadata["prior_precision"]
     if prior["structure"] == "diag":
@@ -313,7 +345,12 @@ def _restore(
         prior_mean = mean["value"]
     else:
         prior_mean = [arrays[f"prior_mean_{i}"] for i in range(count)]
-    la = DiagonalLaplace(
+    options = {}
+    if cls.fixed_structure is None:
+        options = {"structure": stored}
+        if "full_size_limit" in metadata:
+            options["full_size_limit"] = metadata["full_size_limit"]
+    la = cls(
         model,
         metadata["likelihood"],
         curvature=metadata["curvature"],
@@ -322,25 +359,31 @@ def _restore(
         prior_mean=prior_mean,
         sigma_noise=metadata["sigma_noise"],
         temperature=metadata["temperature"],
+        **options,
     )
     if _shapes(_describe(la.variables)) != _shapes(metadata["weights"]):
         raise ValueError(
             f"the selected weights differ from the fitted ones: file has "
             f"{metadata['weights']}, model gives {_describe(la.variables)}."
         )
-    curvature = [arrays[f"curvature_{i}"] for i in range(count)]
     weights_mean = [arrays[f"mean_{i}"] for i in range(count)]
-    for v, h, m in zip(la.variables, curvature, weights_mean, strict=True):
-        if h.shape != tuple(v.shape) or m.shape != tuple(v.shape) or m.dtype != v.dtype:
+    for v, m in zip(la.variables, weights_mean, strict=True):
+        if m.shape != tuple(v.shape) or m.dtype != v.dtype:
             raise ValueError(f"the stored arrays for {v.path} do not match its shape or dtype.")
+    state = STRUCTURES[stored].from_state(arrays, metadata.get("structure_state", {}), la.variables)
     fit = metadata["fit"]
-    la._fit = {
-        "curvature": [tf.constant(h) for h in curvature],
-        "loss": float(fit["loss"]),
-        "n_data": int(fit["n_data"]),
-        "n_outputs": int(fit["n_outputs"]),
-        "mean": [tf.constant(m) for m in weights_mean],
-    }
+    la.restore(
+        FitRecord(
+            structure=state,
+            curvature=la.curvature,
+            likelihood=la.likelihood,
+            subset=la.subset if isinstance(la.subset, str) else tuple(la.subset),
+            loss=float(fit["loss"]),
+            n_data=int(fit["n_data"]),
+            n_outputs=int(fit["n_outputs"]),
+            mean=tuple(tf.constant(m) for m in weights_mean),
+        )
+    )
     return la
 
 

@@ -1,4 +1,4 @@
-"""Prior-precision tuning for :class:`~laplace_tf.DiagonalLaplace`.
+"""Prior-precision tuning for :class:`~laplace_tf.Laplace` (every structure).
 
 ``optimize_marglik`` maximises the Laplace log marginal likelihood by L-BFGS-B over the
 log prior precision (and the log noise); ``gridsearch`` picks the scalar prior precision
@@ -19,12 +19,12 @@ from scipy.optimize import minimize
 from laplace_tf.prior import PriorPrecision
 
 if TYPE_CHECKING:
-    from laplace_tf.laplace import DiagonalLaplace
+    from laplace_tf.posterior import Laplace
 
 
-def optimize_marglik(la: DiagonalLaplace, structure: str, with_noise: bool) -> None:
+def optimize_marglik(la: Laplace, structure: str, with_noise: bool) -> None:
     """Maximise ``la``'s log marginal likelihood over its log prior precision (and noise)."""
-    log_prior = PriorPrecision.initial_log(la._prior, structure, la._groups)
+    log_prior = PriorPrecision.initial_log(la.prior, structure, la.groups)
     sizes = [int(np.size(p)) for p in log_prior]
     start = np.concatenate([np.ravel(p) for p in log_prior])
     if with_noise:
@@ -87,14 +87,14 @@ def _projected_gradient_norm(gradient: np.ndarray, x: np.ndarray, bounds: list) 
 
 
 def gridsearch(
-    la: DiagonalLaplace, val_data, grid, metric, pred_type: str, link_approx: str, seed: int
+    la: Laplace, val_data, grid, metric, pred_type: str, link_approx: str, seed: int
 ) -> None:
     """Set ``la``'s scalar prior precision to the grid value with the best validation metric."""
     x_val, y_val = val_data
     grid = np.logspace(-4, 4, 21) if grid is None else np.asarray(grid, dtype=float)
     if grid.ndim != 1 or grid.size == 0 or np.any(~np.isfinite(grid)) or np.any(grid <= 0):
         raise ValueError("grid must be a non-empty 1-D sequence of positive finite values.")
-    metric = metric or partial(predictive_nll, la.likelihood)
+    metric = metric or partial(predictive_nll, la.likelihood_name)
     original = la.prior_precision
     scores = []
     try:
