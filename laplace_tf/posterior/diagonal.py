@@ -147,6 +147,6 @@ def _clip_negative(curvature: list[tf.Tensor]) -> list[tf.Tensor]:
         f"The Hessian diagonal has {negative} negative entries out of {total} (lowest "
         f"{lowest:.3g}): the loss is not convex there. They are set to 0, so those weights "
         f"get their prior precision. Consider curvature='ggn', which is never negative.",
-        stacklevel=5,
+        stacklevel=4,
     )
     return [tf.maximum(h, tf.zeros_like(h)) for h in curvature]

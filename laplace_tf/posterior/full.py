@@ -189,7 +189,7 @@ def _clip_indefinite(hessian: tf.Tensor) -> tf.Tensor:
             f"The Hessian has {count} negative eigenvalues out of {values.shape[0]} (lowest "
             f"{lowest:.3g}): the loss is not convex there. They are set to 0. Consider "
             "curvature='ggn', which is never negative.",
-            stacklevel=5,
+            stacklevel=4,
         )
     clipped = tf.maximum(values, 0.0)
     return tf.matmul(vectors * clipped, vectors, transpose_b=True)
