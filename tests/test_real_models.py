@@ -168,15 +168,37 @@ def sequences():
     return x, np.arange(6) % 2
 
 
+class Encoder(L.Layer):
+    """``tanh(flatten(x) W)``: a custom layer with its own weight and no rule."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        size = int(np.prod(input_shape[1:]))
+        self.w = self.add_weight(shape=(size, self.units), name="w")
+
+    def call(self, x):
+        return keras.ops.tanh(keras.ops.matmul(keras.ops.reshape(x, (-1, self.w.shape[0])), self.w))
+
+
+def custom_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 3))
+    h = Encoder(8, name="encoder")(inputs)
+    return keras.Model(inputs, L.Dense(2, name="head")(h))
+
+
 def test_fallback_layers_are_named_once_per_fit_with_their_share():
-    model = recurrent_model()
+    model = custom_model()
     with pytest.warns(FallbackWarning) as caught:
         laplace_tf.DiagonalLaplace(model, "classification").fit(sequences())
     fallback = [w for w in caught if issubclass(w.category, FallbackWarning)]
     assert len(fallback) == 1
     message = str(fallback[0].message)
-    # LSTM(4) on 3 features: 4 * 4 * (3 + 4 + 1) = 128 of the 138 weights
-    assert "'encoder' (LSTM, 128 weights, 93%)" in message
+    # Encoder(8) on 4 x 3 features: 12 * 8 = 96 of the 114 weights
+    assert "'encoder' (Encoder, 96 weights, 84%)" in message
     assert "explain(model)" in message and "head" not in message
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)

@@ -1,6 +1,10 @@
 """Curvature engines: black-box Hessian diagonals and structured GGN / Fisher diagonals."""
 
-from laplace_tf.curvature import conv_rules, norm_rules  # noqa: F401  (register their rules)
+from laplace_tf.curvature import (  # noqa: F401  (register their rules)
+    conv_rules,
+    norm_rules,
+    recurrent_rules,
+)
 from laplace_tf.curvature.explain import explain
 from laplace_tf.curvature.hessian import hessian_diagonal, hutchinson_diagonal
 from laplace_tf.curvature.registry import Rule, register_rule, unregister_rule
