@@ -1,4 +1,4 @@
-"""Validation of ``laplace_tf.curvature.reducers`` against dense float64 oracles.
+"""Validation of ``laplace_tf.curvature.reducers`` and ``glm`` against dense float64 oracles.
 
 Oracles never use the library's factors: per-example Jacobians from
 ``tf.GradientTape.jacobian`` (no ``pfor``), output Hessians written out by hand, layer
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from laplace_tf.curvature import reducers
+from laplace_tf.curvature import glm, reducers
 
 L = keras.layers
 N = 9
@@ -251,14 +251,14 @@ def test_kron_output_covariance_matches_dense_covariance():
             inputs, outputs = int(np.prod(shape[:-1])), shape[-1]
             q_a, q_b = random_orthogonal(rng, inputs), random_orthogonal(rng, outputs)
             w = rng.uniform(0.1, 1.0, size=(inputs, outputs))
-            covariances.append(reducers.KroneckerEigen(q_a, q_b, w))
+            covariances.append(glm.KroneckerEigen(q_a, q_b, w))
             basis = np.kron(q_a, q_b)
             dense.append(basis @ np.diag(w.ravel()) @ basis.T)
         else:
             q, w = random_orthogonal(rng, shape[0]), rng.uniform(0.1, 1.0, size=shape)
-            covariances.append(reducers.DenseEigen(q, w))
+            covariances.append(glm.DenseEigen(q, w))
             dense.append(q @ np.diag(w) @ q.T)
-    f, cov = reducers.kron_glm_moments(model, x, covariances, batch_size=4)
+    f, cov = glm.kron_glm_moments(model, x, covariances, batch_size=4)
     f_ref, jac = jacobian(model, x, model.trainable_variables)
     sigma = block_diagonal(dense)
     assert_close(f, f_ref)
@@ -270,8 +270,8 @@ def test_kron_output_covariance_with_diagonal_blocks():
     x, _ = data(model, "classification")
     rng = np.random.default_rng(4)
     weights = [rng.uniform(0.1, 1.0, size=tuple(v.shape)) for v in model.trainable_variables]
-    covariances = [reducers.DiagonalWeights(w) for w in weights]
-    _, cov = reducers.kron_glm_moments(model, x, covariances)
+    covariances = [glm.DiagonalWeights(w) for w in weights]
+    _, cov = glm.kron_glm_moments(model, x, covariances)
     _, jac = jacobian(model, x, model.trainable_variables)
     w = np.concatenate([w.ravel() for w in weights])
     assert_close(cov, np.einsum("ncp,p,ndp->ncd", jac, w, jac))
@@ -284,7 +284,7 @@ def test_full_output_covariance_matches_dense_covariance():
     size = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     root = rng.normal(size=(size, size))
     precision = root @ root.T + size * np.eye(size)
-    _, cov = reducers.full_glm_moments(model, x, np.linalg.cholesky(precision), batch_size=4)
+    _, cov = glm.full_glm_moments(model, x, np.linalg.cholesky(precision), batch_size=4)
     _, jac = jacobian(model, x, model.trainable_variables)
     assert_close(cov, np.einsum("ncp,pq,ndq->ncd", jac, np.linalg.inv(precision), jac))
 

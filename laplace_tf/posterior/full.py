@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.curvature import reducers
+from laplace_tf.curvature import glm, reducers
 from laplace_tf.posterior.structure import FitSummary, Scaling, flat_mean
 
 tfd = tfp.distributions
@@ -141,9 +141,7 @@ class Full:
         batch_size: int,
     ) -> tuple[tf.Tensor, tf.Tensor]:
         cholesky = self.cholesky(prior, scaling)
-        return reducers.full_glm_moments(
-            model, x, cholesky, params=variables, batch_size=batch_size
-        )
+        return glm.full_glm_moments(model, x, cholesky, params=variables, batch_size=batch_size)
 
     def distribution(
         self, mean: list[tf.Tensor], prior: list[tf.Tensor], scaling: Scaling

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.curvature import reducers
+from laplace_tf.curvature import glm, reducers
 from laplace_tf.curvature.structured import _accumulation_dtype
 from laplace_tf.posterior.structure import (
     FitSummary,
@@ -94,8 +94,8 @@ class KronFactor:
         draws = tf.einsum("ia,...ab,jb->...ij", self.inputs_basis, scaled, self.outputs_basis)
         return tf.reshape(draws, [*noise.shape[:-2], *self.shape])
 
-    def covariance(self, eigenvalues: tf.Tensor) -> reducers.Covariance:
-        return reducers.KroneckerEigen(self.inputs_basis, self.outputs_basis, 1.0 / eigenvalues)
+    def covariance(self, eigenvalues: tf.Tensor) -> glm.Covariance:
+        return glm.KroneckerEigen(self.inputs_basis, self.outputs_basis, 1.0 / eigenvalues)
 
     def scale(self, eigenvalues: tf.Tensor, dtype: tf.DType) -> _Op.LinearOperator:
         basis = _Op.LinearOperatorKronecker(
@@ -135,8 +135,8 @@ class DenseFactor:
         draws = tf.einsum("...a,ia->...i", noise * tf.math.rsqrt(eigenvalues), self.basis)
         return tf.reshape(draws, [*noise.shape[:-1], *self.shape])
 
-    def covariance(self, eigenvalues: tf.Tensor) -> reducers.Covariance:
-        return reducers.DenseEigen(self.basis, 1.0 / eigenvalues)
+    def covariance(self, eigenvalues: tf.Tensor) -> glm.Covariance:
+        return glm.DenseEigen(self.basis, 1.0 / eigenvalues)
 
     def scale(self, eigenvalues: tf.Tensor, dtype: tf.DType) -> _Op.LinearOperator:
         basis = _basis(self.basis, dtype)
@@ -170,8 +170,8 @@ class DiagonalFactor:
     def transform(self, noise: tf.Tensor, eigenvalues: tf.Tensor) -> tf.Tensor:
         return noise * tf.math.rsqrt(eigenvalues)
 
-    def covariance(self, eigenvalues: tf.Tensor) -> reducers.Covariance:
-        return reducers.DiagonalWeights(1.0 / eigenvalues)
+    def covariance(self, eigenvalues: tf.Tensor) -> glm.Covariance:
+        return glm.DiagonalWeights(1.0 / eigenvalues)
 
     def scale(self, eigenvalues: tf.Tensor, dtype: tf.DType) -> _Op.LinearOperator:
         return _Op.LinearOperatorDiag(tf.cast(tf.reshape(tf.math.rsqrt(eigenvalues), [-1]), dtype))
@@ -283,9 +283,7 @@ class Kron:
         """The output covariance from the layer factors in each block's eigenbasis."""
         eigenvalues = self._eigenvalues(prior, scaling)
         covariances = [f.covariance(e) for f, e in zip(self.factors, eigenvalues, strict=True)]
-        return reducers.kron_glm_moments(
-            model, x, covariances, params=variables, batch_size=batch_size
-        )
+        return glm.kron_glm_moments(model, x, covariances, params=variables, batch_size=batch_size)
 
     def distribution(
         self, mean: list[tf.Tensor], prior: list[tf.Tensor], scaling: Scaling
