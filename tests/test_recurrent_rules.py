@@ -28,6 +28,7 @@ from laplace_tf.curvature import (
 L = keras.layers
 N, T, FEATURES, CLASSES = 5, 4, 2, 3
 RULE = "Recurrent patches"
+BIDIRECTIONAL_RULE = "Bidirectional recurrent patches"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,10 +54,17 @@ CASES = {
     "gru_reset_before": lambda: L.GRU(3, reset_after=False),
     "gru_reset_before_sequences": lambda: L.GRU(3, reset_after=False, return_sequences=True, activation="relu"),  # noqa: E501
     "gru_reset_before_backwards_no_bias": lambda: L.GRU(3, reset_after=False, go_backwards=True, use_bias=False),  # noqa: E501
+    "bidirectional_lstm": lambda: L.Bidirectional(L.LSTM(3)),
+    "bidirectional_gru_sequences_sum": lambda: L.Bidirectional(L.GRU(3, return_sequences=True), merge_mode="sum"),  # noqa: E501
+    "bidirectional_simple_rnn_sequences_ave": lambda: L.Bidirectional(L.SimpleRNN(2, return_sequences=True), merge_mode="ave"),  # noqa: E501
+    "bidirectional_lstm_gru_mul": lambda: L.Bidirectional(L.LSTM(3), backward_layer=L.GRU(3, reset_after=False, go_backwards=True), merge_mode="mul"),  # noqa: E501
 }  # fmt: skip
 NAMES = sorted(CASES)
 #: One per layer type and GRU variant: the fallback is slow through a recurrence.
-FALLBACK_NAMES = ["simple_rnn_sequences_backwards_relu", "lstm", "gru", "gru_reset_before"]
+FALLBACK_NAMES = [
+    "simple_rnn_sequences_backwards_relu", "lstm", "gru", "gru_reset_before",
+    "bidirectional_lstm_gru_mul",
+]  # fmt: skip
 
 
 def _randomise(model, seed):
@@ -100,12 +108,14 @@ def test_rule_is_used_and_its_forward_is_keras(name):
     model, x, _ = build(name)
     records = explain(model)
     assert not records.fallback
-    assert [r.rule for r in records if r.layer == model.layers[2].name] == [RULE]
+    rule = BIDIRECTIONAL_RULE if name.startswith("bidirectional") else RULE
+    assert [r.rule for r in records if r.layer == model.layers[2].name] == [rule]
     with tf.GradientTape():
         traced, _ = tracing.trace(model, tf.constant(x), model.trainable_variables)
     assert_close(traced.numpy(), model(x, training=False).numpy(), rtol=1e-13)
 
 
+@pytest.mark.filterwarnings("ignore::laplace_tf.curvature.FallbackWarning")
 @pytest.mark.parametrize("name", FALLBACK_NAMES)
 def test_rule_matches_fallback(name, monkeypatch):
     model, x, y = build(name)

@@ -1,4 +1,5 @@
-"""Rules for the recurrent layers: SimpleRNN, GRU and LSTM (inference, static length).
+"""Rules for the recurrent layers: SimpleRNN, GRU, LSTM and Bidirectional wrapping them
+(inference, a known number of steps).
 
 Each step's gate pre-activations are ``z_t = x_t W + h_{t-1} U + b`` (GRU: the candidate
 gate reads ``(r_t * h_{t-1}) U_h`` when ``reset_after=False``, and ``r_t * (h_{t-1} U_h +
@@ -22,6 +23,9 @@ state; its output is the previous one, or zeros with ``zero_output_for_mask``), 
 ``go_backwards`` (the steps run, and are returned, in reverse). Stateful layers, layers
 returning their state, custom cells and sequences of unknown length take the fallback.
 The recurrence is recomputed (without a tape) when the factors are formed.
+
+Bidirectional layers are cut at both directions' cuts, concatenated; each direction's
+weights get the factors above from its part of the cotangents.
 """
 
 from __future__ import annotations
@@ -39,19 +43,26 @@ _L = keras.layers
 _CELLS = {_L.SimpleRNN: _L.SimpleRNNCell, _L.GRU: _L.GRUCell, _L.LSTM: _L.LSTMCell}
 
 
-def _applies(layer) -> bool:
-    """The layer's own cell, no state in or out, every weight trainable (so that the cut
-    is on the tape) and a known number of steps."""
+def _supported(layer) -> bool:
+    """The layer's own cell, no state in or out and every weight trainable (so that the
+    cut is on the tape)."""
     cell = layer.cell
     if type(cell) is not _CELLS.get(type(layer)) or layer.stateful or layer.return_state:
         return False
-    if not plain(cell) or not all(v.trainable for v in cell.weights):
-        return False
+    return plain(cell) and all(v.trainable for v in cell.weights)
+
+
+def _known_steps(layer) -> bool:
+    """Whether ``layer`` was called once on sequences ``[N, T, I]`` with ``T`` known."""
     try:
         shape = layer.input.shape
     except (AttributeError, ValueError):
         return False
     return len(shape) == 3 and shape[1] is not None
+
+
+def _applies(layer) -> bool:
+    return _supported(layer) and _known_steps(layer)
 
 
 def _is_split_gru(cell) -> bool:
@@ -153,11 +164,16 @@ def _recurrence(layer, cut, mask):
     return tf.stack(outputs, axis=1), tf.stack(previous, axis=1)
 
 
-def _forward(layer, inputs):
-    x, mask = _sequences(layer, inputs)
-    cut = _cut(layer, x)
+def _outputs(layer, inputs, cut):
+    """The layer's outputs from its cut (the last step's unless it returns sequences)."""
+    _, mask = _sequences(layer, inputs)
     outputs, _ = _recurrence(layer, cut, mask)
-    return cut, outputs if layer.return_sequences else outputs[:, -1]
+    return outputs if layer.return_sequences else outputs[:, -1]
+
+
+def _forward(layer, inputs):
+    cut = _cut(layer, _sequences(layer, inputs)[0])
+    return cut, _outputs(layer, inputs, cut)
 
 
 def _factors(layer, inputs, delta):
@@ -185,6 +201,67 @@ def _factors(layer, inputs, delta):
     return factors
 
 
+# Bidirectional ------------------------------------------------------------------------------
+
+_MERGES = {
+    "concat": lambda y, y_rev: tf.concat([y, y_rev], axis=-1),
+    "sum": lambda y, y_rev: y + y_rev,
+    "ave": lambda y, y_rev: (y + y_rev) / 2,
+    "mul": lambda y, y_rev: y * y_rev,
+}
+
+
+def _directions(layer):
+    return layer.forward_layer, layer.backward_layer
+
+
+def _cut_width(layer) -> int:
+    return layer.cell.kernel.shape[-1] * (2 if _is_split_gru(layer.cell) else 1)
+
+
+def _bidirectional_applies(layer) -> bool:
+    """Both directions supported, merged into one tensor, a known number of steps."""
+    return (
+        layer.merge_mode in _MERGES
+        and not layer.return_state
+        and all(_supported(direction) for direction in _directions(layer))
+        and _known_steps(layer)
+    )
+
+
+def _bidirectional_forward(layer, inputs):
+    """Cut at both directions' input projections, concatenated ``[N, T, G_f + G_b]``."""
+    directions = _directions(layer)
+    cut = tf.concat([_cut(d, _sequences(d, inputs)[0]) for d in directions], axis=-1)
+    widths = [_cut_width(d) for d in directions]
+    y, y_rev = (
+        tf.cast(_outputs(d, inputs, part), layer.compute_dtype)
+        for d, part in zip(directions, tf.split(cut, widths, axis=-1), strict=True)
+    )
+    if layer.return_sequences:
+        y_rev = tf.reverse(y_rev, [1])
+    return cut, _MERGES[layer.merge_mode](y, y_rev)
+
+
+def _bidirectional_factors(layer, inputs, delta):
+    directions = _directions(layer)
+    parts = tf.split(delta, [_cut_width(d) for d in directions], axis=-1)
+    return [
+        factor
+        for direction, part in zip(directions, parts, strict=True)
+        for factor in _factors(direction, inputs, part)
+    ]
+
+
 register_builtin(
     [_L.SimpleRNN, _L.GRU, _L.LSTM], Rule(_forward, _factors, _applies, "Recurrent patches")
+)
+register_builtin(
+    [_L.Bidirectional],
+    Rule(
+        _bidirectional_forward,
+        _bidirectional_factors,
+        _bidirectional_applies,
+        "Bidirectional recurrent patches",
+    ),
 )
