@@ -213,3 +213,15 @@ def test_exact_hessian_of_a_recurrent_model_fails_with_a_short_clear_message(cap
                 sequences()
             )
     assert not [r for r in caplog.records if r.name == "tensorflow"]
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_fallback_warning_for_every_structure(structure):
+    from laplace_tf.posterior import Laplace
+
+    keras.utils.set_random_seed(0)
+    model = AttentionClassifier()
+    x, y = tokens()
+    model(x)
+    with pytest.warns(FallbackWarning, match="fallback"):
+        Laplace(model, "classification", structure=structure).fit((x, y))

@@ -5,6 +5,7 @@ rule leaves to the fallback.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import keras
@@ -217,21 +218,31 @@ def test_masked_steps_contribute_nothing(name):
     assert_close(masked, truncated)
 
 
-def test_masked_layers_are_exact_through_the_engine():
-    """Keras hands a recurrent layer its mask as an argument, which the trace gives the
-    fallback; the curvature is exact either way."""
+@pytest.mark.parametrize("wrap", [False, True], ids=["lstm", "bidirectional"])
+def test_masked_layers_keep_their_rule_and_are_exact_through_the_engine(wrap):
+    """Keras hands a recurrent layer its mask as an argument; the trace attaches it to
+    the layer's inputs, where the rule reads it."""
     inp = keras.Input((T,), dtype="int32")
     hidden = L.Embedding(6, FEATURES, mask_zero=True)(inp)
-    model = keras.Model(inp, L.Dense(CLASSES)(L.LSTM(3, name="lstm")(hidden)))
+    recurrent = L.LSTM(3, name="lstm")
+    if wrap:
+        recurrent = L.Bidirectional(recurrent, name="bi")
+    model = keras.Model(inp, L.Dense(CLASSES)(recurrent(hidden)))
     _randomise(model, 7)
     rng = np.random.default_rng(7)
     x = rng.integers(1, 6, size=(N, T)) * _mask()
     y = rng.integers(0, CLASSES, size=N)
-    assert [r.rule for r in explain(model)] == ["Embedding rows", "fallback", "Dense"]
-    with pytest.warns(FallbackWarning, match="'lstm"):
+    assert "fallback" not in [r.rule for r in explain(model)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
         ggn = flat(diagonal(model, (x, y), likelihood="classification"))
     f, jac = dense_jacobian(model, x)
     assert_close(ggn, np.einsum("ncp,ncd,ndp->p", jac, softmax_hessian(f), jac))
+    variables = model.trainable_variables
+    weights = [np.random.default_rng(1).uniform(0.5, 1.5, v.shape) for v in variables]
+    covariance = output_covariance(model, x, weights)
+    w = np.concatenate([np.ravel(a) for a in weights])
+    assert_close(covariance, np.einsum("ncp,p,ndp->ncd", jac, w, jac))
 
 
 # ---------------------------------------------------------------------------------------

@@ -53,12 +53,14 @@ def _supported(layer) -> bool:
 
 
 def _known_steps(layer) -> bool:
-    """Whether ``layer`` was called once on sequences ``[N, T, I]`` with ``T`` known."""
+    """Whether ``layer`` was called once on sequences ``[N, T, I]`` with ``T`` known (a
+    layer called with its mask has ``[sequences, mask]`` as its input)."""
     try:
-        shape = layer.input.shape
+        inputs = layer.input
     except (AttributeError, ValueError):
         return False
-    return len(shape) == 3 and shape[1] is not None
+    shape = getattr(inputs[0] if isinstance(inputs, list | tuple) else inputs, "shape", None)
+    return shape is not None and len(shape) == 3 and shape[1] is not None
 
 
 def _applies(layer) -> bool:
@@ -254,7 +256,8 @@ def _bidirectional_factors(layer, inputs, delta):
 
 
 register_builtin(
-    [_L.SimpleRNN, _L.GRU, _L.LSTM], Rule(_forward, _factors, _applies, "Recurrent patches")
+    [_L.SimpleRNN, _L.GRU, _L.LSTM],
+    Rule(_forward, _factors, _applies, "Recurrent patches", reads_mask=True),
 )
 register_builtin(
     [_L.Bidirectional],
@@ -263,5 +266,6 @@ register_builtin(
         _bidirectional_factors,
         _bidirectional_applies,
         "Bidirectional recurrent patches",
+        reads_mask=True,
     ),
 )

@@ -43,6 +43,7 @@ from laplace_tf.curvature.structured import (
     _loss_outputs,
     _model_variables,
     _replicated,
+    _warn_fallbacks,
     is_piecewise_linear,
 )
 from laplace_tf.curvature.tracing import trace
@@ -168,8 +169,10 @@ def fit_kron(
     :func:`laplace_tf.curvature.diagonal`.
     """
     step, layout = _structured_step(model, likelihood, kind, params, mc_samples, "kron")
-    sums, nll, count, width = _accumulate(model, likelihood, data, batch_size, seed, step, progress)
     variables = _model_variables(model, params)
+    sums, nll, count, width = _accumulate(
+        model, likelihood, data, batch_size, seed, step, progress, variables
+    )
     blocks, position = [], 0
     for v in variables:
         block = layout[id(v)]
@@ -206,15 +209,23 @@ def fit_full(
     step, _ = _structured_step(
         model, likelihood, kind, params, mc_samples, "full", batch_size=batch_size
     )
-    sums, nll, count, width = _accumulate(model, likelihood, data, batch_size, seed, step, progress)
+    black_box = kind == "hessian" and not is_piecewise_linear(model)  # no layer rules
+    variables = None if black_box else _model_variables(model, params)
+    sums, nll, count, width = _accumulate(
+        model, likelihood, data, batch_size, seed, step, progress, variables
+    )
     return StructuredFit(sums[0], nll, count, width)
 
 
-def _accumulate(model, likelihood, data, batch_size, seed, step, progress):
+def _accumulate(model, likelihood, data, batch_size, seed, step, progress, variables):
+    """Sums of ``step`` over the batches; ``variables``, if given, are those whose layers
+    are named in a :class:`FallbackWarning` when they take the fallback."""
     likelihood = get_likelihood(likelihood)
     seed = resolve_seed(seed)
     total, nll, count, shape = None, 0.0, 0, None
     for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
+        if index == 0 and variables is not None:
+            _warn_fallbacks(model, variables, x)
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
         total = _add_in_float64(total, parts)
         nll += tf.cast(batch_nll, tf.float64)

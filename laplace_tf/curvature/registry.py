@@ -49,12 +49,18 @@ class Rule:
         ``channels_last``); a layer no rule applies to goes through the fallback.
     name : str, optional
         Shown by :func:`~laplace_tf.curvature.explain`.
+    reads_mask : bool, optional
+        Whether ``forward`` and ``factors`` follow a Keras mask on their inputs (read with
+        ``keras.src.backend.get_keras_mask(inputs)``). A layer called with a ``mask``
+        argument then keeps its rule, with the mask attached to ``inputs``; otherwise
+        such a call takes the fallback.
     """
 
     forward: Callable[[keras.layers.Layer, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
     factors: Callable[[keras.layers.Layer, tf.Tensor, tf.Tensor], list]
     applies: Callable[[keras.layers.Layer], bool] = _always
     name: str = ""
+    reads_mask: bool = False
 
 
 @dataclass

@@ -123,9 +123,13 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
         return lambda *args, **kwargs: _call_recording_inner(layer, inner, sites, args, kwargs)
 
     def call(*args, **kwargs):
-        tensor_kwargs = [k for k, v in kwargs.items() if v is not None and k != "training"]
+        read = {"training", "mask"} if rule is not None and rule.reads_mask else {"training"}
+        tensor_kwargs = [k for k, v in kwargs.items() if v is not None and k not in read]
         if rule is not None and len(args) == 1 and not tensor_kwargs:
             (inputs,) = args
+            if kwargs.get("mask") is not None:  # the rule reads it from its inputs
+                inputs = tf.identity(inputs)
+                set_keras_mask(inputs, kwargs["mask"])
             with _autocast(layer):
                 cut, outputs = rule.forward(layer, inputs)
             _propagate_mask(layer, inputs, outputs)
