@@ -76,6 +76,8 @@ class Laplace:
     full_size_limit : int
         Most selected weights ``structure="full"`` accepts.
 
+    Notes
+    -----
     Changing ``structure``, ``curvature``, ``likelihood`` or ``subset`` after ``fit``
     makes every fitted quantity raise until ``fit`` is called again: the fit is never
     mixed with another configuration.
