@@ -1,15 +1,19 @@
-"""The ``laplace-tf`` command: a diagonal Laplace study of a classifier.
+"""The ``laplace-tf`` command: MAP against Laplace posteriors of a classifier.
 
-``laplace-tf demo`` trains a small MLP on scikit-learn's digits and compares MAP and
-Laplace predictives on test, shifted and out-of-distribution data;
-``laplace-tf calibrate MODEL.keras DATA.npz`` runs the same study on a saved model.
-Both write ``results.json`` and ``reliability.png`` to ``--out``.
+``laplace-tf demo`` trains a small MLP on scikit-learn's digits and compares the MAP
+predictive with Laplace posteriors of several structures (diag / kron / full over all
+weights or the last layer) on test, shifted and out-of-distribution data, for one seed
+or several; ``laplace-tf calibrate MODEL.keras DATA.npz`` runs the same comparison on a
+saved model. Both write ``results.json`` and ``reliability.png`` to ``--out``.
+
+The package: :mod:`~laplace_tf.cli.data` (the demo's data and model, the user's files),
+:mod:`~laplace_tf.cli.studies` (fit, tune, evaluate), :mod:`~laplace_tf.cli.report`
+(table, summary over seeds, files), :mod:`~laplace_tf.cli.progress` (progress bars).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -18,43 +22,74 @@ from typing import Any
 
 import numpy as np
 
-from laplace_tf import __version__, _studies
-from laplace_tf._studies import InputError, Settings, StudyData, StudyOutcome
+from laplace_tf import __version__
+from laplace_tf.cli import data as study_data
+from laplace_tf.cli import report
+from laplace_tf.cli.data import InputError, StudyData
+from laplace_tf.cli.report import PROG, format_table
+from laplace_tf.cli.studies import (
+    DEFAULT_POSTERIORS,
+    EVERY,
+    PRIOR_GRID,
+    Posterior,
+    Settings,
+    StudyOutcome,
+    run_study,
+    versions,
+)
 
-PROG = "laplace-tf"
+__all__ = ["PROG", "build_parser", "format_table", "main"]
 
 _DESCRIPTION = """\
-Post-hoc uncertainty for trained Keras classifiers by a diagonal Laplace approximation:
-fit the curvature over the training set, tune the prior precision, and compare the
-Laplace predictive with the MAP network (accuracy, NLL, ECE, Brier score; OOD AUROC).
-Each command writes DIR/results.json and DIR/reliability.png; see
+Post-hoc uncertainty for trained Keras classifiers by Laplace approximations: fit the
+curvature over the training set for each posterior structure (diag / kron / full, over
+all weights or the last layer), tune each one's prior precision, and compare the Laplace
+predictives with the MAP network (accuracy, NLL, ECE, Brier score; OOD AUROC) in one
+table. Each command writes DIR/results.json and DIR/reliability.png; see
 'laplace-tf COMMAND --help'. Exit status: 0 on success, 2 on bad input."""
 
 _RESULTS_HELP = f"""\
 results.json: {{"map": {{"test": {{"accuracy", "nll", "ece", "brier"}}, "shifted": {{...}}}},
-"laplace": {{...}}, "ood_auroc": {{"map", "laplace"}}, "config": {{...}}}}. NLL in nats
-per example, ECE with {Settings.n_bins} equal-width confidence bins, Brier summed over
-classes, OOD AUROC of the top-label confidence (test examples positive)."""
+"laplace": {{...}} (the first posterior fitted), "ood_auroc": {{"map", "laplace"}},
+"structures": {{"diag:all": {{"test", "shifted", "ood_auroc", "prior_precision", "weights",
+"runtime_s"}}, "full:all": {{"skipped": REASON}}, ...}}, "config": {{...}}}}; with several
+--seeds, {{"summary": {{METHOD: {{... {{"mean", "std", "n"}}}}}}, "runs": {{SEED: ...}},
+"config"}}. NLL in nats per example, ECE with {Settings.n_bins} equal-width confidence
+bins, Brier summed over classes, OOD AUROC of the top-label confidence (test examples
+positive)."""
+
+_STRUCTURES_HELP = f"""\
+The posteriors compared (--structures): STRUCTURE:SUBSET with STRUCTURE diag, kron or
+full and SUBSET all or last_layer, or 'every' for all six; by default
+{" ".join(DEFAULT_POSTERIORS)} (full is left out by default for its cost; with --subset
+alone, the one posterior diag:SUBSET). 'full' above --full-size-limit weights is
+skipped, and the table says why. Each posterior's prior precision is tuned on its own;
+'fit s' in the table is fit + prior tuning, 'pred s' the predictions of every set
+(both include TensorFlow's tracing of a new posterior)."""
 
 _DEMO_DESCRIPTION = f"""\
 Train a ReLU MLP 64-128-128-10 (Adam, L2 weight decay) on scikit-learn's 8x8 digits,
-scaled to [0, 1] and split 60/15/25 % into train/validation/test by --seed, then fit a
-diagonal Laplace approximation and compare it with the MAP network on:
+scaled to [0, 1] and split 60/15/25 % into train/validation/test by --seed, then fit
+Laplace posteriors and compare them with the MAP network on:
   test     the held-out digits;
   shifted  the test digits rotated by a uniform angle in [-DEGREES, DEGREES] (--rotation)
            and corrupted by Gaussian pixel noise of standard deviation STD (--noise);
   OOD      as many 8x8 grey patches of scikit-learn's two sample photographs (block-
            averaged windows, rescaled to [0, 1]); AUROC of test vs these.
 The prior precision is tuned by default by grid search on the validation NLL:
-maximising the marginal likelihood of a diagonal posterior over all weights gives far
-too small a precision here (an underconfident predictive; try --prior-tuning marglik).
-reliability.png shows MAP and Laplace on the shifted set.
+maximising the marginal likelihood gives far too small a precision on this network, for
+every structure (an underconfident predictive; try --prior-tuning marglik).
+--seeds 0 1 2 repeats the whole demo (split, training, shift, OOD patches) per seed and
+reports mean ± standard deviation. reliability.png shows MAP and each posterior on the
+shifted set (pooled over the seeds).
+
+{_STRUCTURES_HELP}
 
 {_RESULTS_HELP}"""
 
 _CALIBRATE_DESCRIPTION = f"""\
-Run the study on a trained Keras model and your arrays. MODEL is a Keras 3 '.keras' file
-(keras.saving.load_model) whose one output is logits [N, C] (classification) or one
+Run the comparison on a trained Keras model and your arrays. MODEL is a Keras 3 '.keras'
+file (keras.saving.load_model) whose one output is logits [N, C] (classification) or one
 logit [N, 1] (binary); it is read, never modified. DATA is an .npz archive (np.savez;
 no pickled objects) with the keys
   x_train, y_train      training set: the curvature is computed over it (required)
@@ -64,8 +99,10 @@ no pickled objects) with the keys
   x_ood                 out-of-distribution inputs: gives the OOD AUROC (optional)
 Labels are integers in [0, C) (classification) or 0/1 (binary). The 'shifted' and
 'ood_auroc' entries of results.json appear only when DATA has those sets.
-reliability.png shows MAP and Laplace on the shifted set if given, else the test set.
-Regression is not supported by this command: use laplace_tf.DiagonalLaplace directly.
+reliability.png shows MAP and each posterior on the shifted set if given, else the test
+set. Regression is not supported by this command: use laplace_tf.Laplace directly.
+
+{_STRUCTURES_HELP}
 
 {_RESULTS_HELP}"""
 
@@ -93,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="train a small MLP on scikit-learn's digits and run the study",
+        help="train a small MLP on scikit-learn's digits and run the comparison",
         description=_DEMO_DESCRIPTION,
         formatter_class=formatter,
     )
@@ -132,12 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STD",
         help="pixel noise of the shifted digits, pixels in [0, 1] (default: %(default)g)",
     )
-    _add_study_options(demo, likelihood=False, prior_tuning_default="gridsearch")
+    _add_study_options(demo, likelihood=False, prior_tuning_default="gridsearch", demo=True)
     demo.set_defaults(run=_run_demo)
 
     calibrate = commands.add_parser(
         "calibrate",
-        help="run the study on a saved model.keras and data.npz",
+        help="run the comparison on a saved model.keras and data.npz",
         description=_CALIBRATE_DESCRIPTION,
         formatter_class=formatter,
     )
@@ -160,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_study_options(
-    parser: argparse.ArgumentParser, *, likelihood: bool, prior_tuning_default: str | None
+    parser: argparse.ArgumentParser,
+    *,
+    likelihood: bool,
+    prior_tuning_default: str | None,
+    demo: bool = False,
 ) -> None:
     """The options shared by ``demo`` and ``calibrate``."""
     if likelihood:
@@ -172,21 +213,38 @@ def _add_study_options(
             "binary: one logit, labels 0/1 (default: classification)",
         )
     parser.add_argument(
+        "--structures",
+        nargs="+",
+        type=_posterior_spec,
+        metavar="SPEC",
+        help="posteriors compared with MAP, each STRUCTURE[:SUBSET] (diag, kron, full; "
+        "all, last_layer) or 'every' for all six (default: "
+        f"{' '.join(DEFAULT_POSTERIORS)}, or diag:SUBSET with --subset alone)",
+    )
+    parser.add_argument(
         "--subset",
         choices=("all", "last_layer"),
-        default="all",
-        help="weights with a posterior: all, or those of the last layer "
-        "with weights; the others stay fixed (default: all)",
+        default=None,
+        help="subset of a SPEC given without one; alone, the study of the one posterior "
+        "diag:SUBSET (default: all)",
+    )
+    parser.add_argument(
+        "--full-size-limit",
+        type=_positive_int,
+        default=20_000,
+        metavar="N",
+        help="most weights a 'full' posterior may have; above, it is skipped "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--curvature",
         choices=("ggn", "ggn_mc", "ef"),
         default="ggn",
-        help="diagonal curvature: exact generalised Gauss-Newton, its Monte "
+        help="curvature: exact generalised Gauss-Newton, its Monte "
         "Carlo estimate (one sampled label), or the empirical Fisher "
         "(default: ggn)",
     )
-    grid = _studies.PRIOR_GRID
+    grid = PRIOR_GRID
     tuning_default = (
         f"default: {prior_tuning_default}"
         if prior_tuning_default
@@ -216,13 +274,23 @@ def _add_study_options(
         metavar="N",
         help="batch size of the curvature pass and of the predictions (default: %(default)s)",
     )
-    parser.add_argument(
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
         "--seed",
         type=_non_negative_int,
         default=0,
-        help="random seed: data split, training, shift and OOD patches "
-        "(demo) and the Monte Carlo link (default: %(default)s)",
+        help="random seed: "
+        + ("data split, training, shift and OOD patches (demo), " if demo else "")
+        + "the Monte Carlo curvature and link (default: %(default)s)",
     )
+    if demo:
+        seeds.add_argument(
+            "--seeds",
+            nargs="+",
+            type=_non_negative_int,
+            metavar="SEED",
+            help="run the whole demo once per seed and report mean ± standard deviation",
+        )
     parser.add_argument(
         "--quiet",
         action="store_true",
@@ -235,58 +303,84 @@ def _add_study_options(
 
 def _run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    settings = _settings(args, likelihood="classification", prior_tuning=args.prior_tuning)
-    data = _studies.demo_data(args.seed, args.rotation, args.noise)
-    model = _studies.train_demo_model(
-        data.x_train,
-        data.y_train,
-        epochs=args.epochs,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-    )
-    trained = time.perf_counter()
-    outcome = _study(model, data, settings)
+    seeds = args.seeds or [args.seed]
+    runs, trainings, predictions, labels = {}, {}, [], []
+    for seed in seeds:
+        seed_start = time.perf_counter()
+        settings = _settings(args, likelihood="classification", seed=seed)
+        data = study_data.demo_data(seed, args.rotation, args.noise)
+        model = study_data.train_demo_model(
+            data.x_train,
+            data.y_train,
+            epochs=args.epochs,
+            weight_decay=args.weight_decay,
+            seed=seed,
+        )
+        trainings[seed] = round(time.perf_counter() - seed_start, 2)
+        outcome = _study(model, data, settings)
+        runs[seed] = {**outcome.results, "tuning": outcome.tuning}
+        predictions.append(outcome.predictions["shifted"])
+        labels.append(data.y_shifted)
     config = {
         "command": "demo",
         **_settings_config(settings),
-        **outcome.tuning,
-        "seed": args.seed,
+        **({"seeds": seeds} if args.seeds else {**outcome.tuning, "seed": seeds[0]}),
         "sizes": data.sizes(),
         "model": {
-            "hidden": list(_studies.DEMO_HIDDEN),
+            "hidden": list(study_data.DEMO_HIDDEN),
             "activation": "relu",
             "parameters": int(model.count_params()),
             "weight_decay": args.weight_decay,
             "epochs": args.epochs,
-            "learning_rate": _studies.DEMO_LEARNING_RATE,
-            "train_batch_size": _studies.DEMO_TRAIN_BATCH,
+            "learning_rate": study_data.DEMO_LEARNING_RATE,
+            "train_batch_size": study_data.DEMO_TRAIN_BATCH,
         },
         "shift": {"rotation_degrees": args.rotation, "noise_std": args.noise},
         "ood": "8x8 grey patches of scikit-learn's sample photographs, rescaled to [0, 1]",
-        "versions": _studies.versions("scikit-learn"),
+        "versions": versions("scikit-learn"),
         "runtime_s": {
-            "training": round(trained - start, 2),
+            "training": trainings[seeds[0]] if not args.seeds else trainings,
             "total": round(time.perf_counter() - start, 2),
         },
     }
-    return _report(args, outcome, data, config)
+    if args.seeds:
+        results = {
+            "summary": report.summarize(list(runs.values())),
+            "runs": {str(seed): run for seed, run in runs.items()},
+            "config": config,
+        }
+    else:
+        results = {**outcome.results, "config": config}
+    pooled = {
+        method: np.concatenate([probs[method] for probs in predictions])
+        for method in predictions[0]
+    }
+    return report.write(
+        args.out,
+        results,
+        pooled,
+        np.concatenate(labels),
+        plotted="shifted",
+        n_bins=settings.n_bins,
+        quiet=args.quiet,
+    )
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.link == "bridge" and args.likelihood == "binary":
         raise InputError("--link bridge needs two or more classes; use probit or mc for binary")
-    model = _studies.load_model(args.model)
-    data = _studies.load_data(args.data)
+    model = study_data.load_model(args.model)
+    data = study_data.load_data(args.data)
     has_val = data.x_val is not None
-    prior_tuning = args.prior_tuning or ("gridsearch" if has_val else "marglik")
-    if prior_tuning == "gridsearch" and not has_val:
+    args.prior_tuning = args.prior_tuning or ("gridsearch" if has_val else "marglik")
+    if args.prior_tuning == "gridsearch" and not has_val:
         raise InputError(
             f"--prior-tuning gridsearch needs x_val and y_val in {args.data.name}; add them "
             "or use --prior-tuning marglik"
         )
-    settings = _settings(args, likelihood=args.likelihood, prior_tuning=prior_tuning)
-    _studies.check_model_and_labels(model, data, args.likelihood)
+    settings = _settings(args, likelihood=args.likelihood, seed=args.seed)
+    study_data.check_model_and_labels(model, data, args.likelihood)
     outcome = _study(model, data, settings)
     config = {
         "command": "calibrate",
@@ -297,28 +391,54 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "sizes": data.sizes(),
         "parameters": int(model.count_params()),
-        "versions": _studies.versions(),
+        "versions": versions(),
         "runtime_s": {"total": round(time.perf_counter() - start, 2)},
     }
-    return _report(args, outcome, data, config)
+    sets = data.labelled_sets()
+    plotted = "shifted" if "shifted" in sets else "test"
+    return report.write(
+        args.out,
+        {**outcome.results, "config": config},
+        outcome.predictions[plotted],
+        sets[plotted][1],
+        plotted=plotted,
+        n_bins=settings.n_bins,
+        quiet=args.quiet,
+    )
 
 
-def _settings(args: argparse.Namespace, *, likelihood: str, prior_tuning: str) -> Settings:
+def _posteriors(args: argparse.Namespace) -> tuple[Posterior, ...]:
+    """The posteriors of ``--structures`` (``every`` expanded), ``--subset`` and defaults."""
+    if args.structures is None:
+        specs = DEFAULT_POSTERIORS if args.subset is None else (f"diag:{args.subset}",)
+    else:
+        specs = [
+            name for spec in args.structures for name in (EVERY if spec == "every" else [spec])
+        ]
+    return tuple(Posterior.parse(spec, args.subset or "all") for spec in specs)
+
+
+def _settings(args: argparse.Namespace, *, likelihood: str, seed: int) -> Settings:
     return Settings(
         likelihood=likelihood,
-        subset=args.subset,
+        posteriors=_posteriors(args),
         curvature=args.curvature,
-        prior_tuning=prior_tuning,
+        prior_tuning=args.prior_tuning,
         link=args.link,
         batch_size=args.batch_size,
-        seed=args.seed,
+        seed=seed,
+        full_size_limit=args.full_size_limit,
     )
 
 
 def _settings_config(settings: Settings) -> dict[str, Any]:
+    first = settings.posteriors[0]
     return {
         "likelihood": settings.likelihood,
-        "subset": settings.subset,
+        "structure": first.structure,
+        "subset": first.subset,
+        "structures": [posterior.name for posterior in settings.posteriors],
+        "full_size_limit": settings.full_size_limit,
         "curvature": settings.curvature,
         "prior_tuning": settings.prior_tuning,
         "predictive": "glm",
@@ -331,80 +451,9 @@ def _settings_config(settings: Settings) -> dict[str, Any]:
 def _study(model: Any, data: StudyData, settings: Settings) -> StudyOutcome:
     """Run the study; the library's refusals of the user's data become ``InputError``."""
     try:
-        return _studies.run_study(model, data, settings)
+        return run_study(model, data, settings)
     except ValueError as error:
         raise InputError(str(error)) from error
-
-
-# -- output ------------------------------------------------------------------------------------
-
-
-def _report(
-    args: argparse.Namespace, outcome: StudyOutcome, data: StudyData, config: dict[str, Any]
-) -> int:
-    """Write results.json and reliability.png to ``args.out`` and print the table."""
-    out: Path = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the output folder {out}: {error}") from error
-    results = {**outcome.results, "config": config}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    written = [out / "results.json"]
-
-    sets = data.labelled_sets()
-    plotted = "shifted" if "shifted" in sets else "test"
-    try:
-        from laplace_tf import plotting
-
-        figure = plotting.reliability_diagram(
-            outcome.predictions[plotted],
-            sets[plotted][1],
-            n_bins=config["ece_bins"],
-            title=f"Reliability on the {plotted} set",
-        )
-    except ImportError as error:
-        print(f"{PROG}: warning: reliability.png not written: {error}", file=sys.stderr)
-    else:
-        figure.savefig(out / "reliability.png", dpi=100)
-        written.append(out / "reliability.png")
-
-    if not args.quiet:
-        print(format_table(results))
-        print("wrote " + ", ".join(str(path) for path in written))
-    return 0
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """The metrics of ``results`` (as in results.json) as a plain-text table."""
-    sets = list(results["map"])
-    columns = ("accuracy", "nll", "ece", "brier")
-    header = f"{'':<8}" + "".join(f"  {name:-^{10 * len(columns)}}" for name in sets)
-    names = f"{'method':<8}" + "".join(
-        "  " + "".join(f"{column:>10}" for column in columns) for _ in sets
-    )
-    lines = [header, names]
-    for key, label in (("map", "MAP"), ("laplace", "Laplace")):
-        lines.append(
-            f"{label:<8}"
-            + "".join(
-                "  " + "".join(f"{results[key][name][column]:>10.4f}" for column in columns)
-                for name in sets
-            )
-        )
-    if "ood_auroc" in results:
-        auroc = results["ood_auroc"]
-        lines.append(
-            f"OOD AUROC (max prob): MAP {auroc['map']:.4f}, Laplace {auroc['laplace']:.4f}"
-        )
-    config = results["config"]
-    lines.append(
-        f"prior precision {config['prior_precision']:.4g} ({config['prior_tuning']}), "
-        f"{config['predictive']} {config['link']}, curvature {config['curvature']}, "
-        f"subset {config['subset']}, "
-        f"{config['runtime_s']['total']:.1f} s"
-    )
-    return "\n".join(lines)
 
 
 # -- argument types ----------------------------------------------------------------------------
@@ -436,3 +485,12 @@ def _non_negative_float(text: str) -> float:
     if not np.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
     return value
+
+
+def _posterior_spec(text: str) -> str:
+    if text != "every":
+        try:
+            Posterior.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return text

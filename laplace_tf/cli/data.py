@@ -1,36 +1,26 @@
-"""The studies behind the ``laplace-tf`` command.
-
-A study fits a :class:`~laplace_tf.DiagonalLaplace` to a trained classifier, tunes its
-prior precision, and compares the Laplace predictive with the MAP network's
-(``softmax(f)`` / ``sigmoid(f)``) on a test set, optionally a shifted test set, and an
-out-of-distribution set (AUROC of the top-label confidence, test = positive).
+"""The data of the ``laplace-tf`` studies: the demo's digits and model, the user's files.
 
 The demo data are scikit-learn's bundled 8x8 digits; the shifted set rotates and adds
 noise to the test digits, and the OOD set holds 8x8 patches of scikit-learn's two
-bundled photographs. ``calibrate`` reads the user's model and arrays instead.
+bundled photographs. ``calibrate`` reads the user's model and arrays instead, and checks
+them before any long step.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 import zipfile
 from dataclasses import dataclass, fields
-from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from scipy import ndimage
-from scipy.special import expit, softmax
 
-import laplace_tf
-from laplace_tf import metrics
+from laplace_tf.cli.progress import EpochProgress, ProgressBar
 
-#: Prior precisions tried by the grid search: four per decade, 1e-2 to 1e5.
-PRIOR_GRID = np.logspace(-2, 5, 29)
 #: Rows of each input array run through the model to check it before any long step.
 _PROBE_ROWS = 8
 
@@ -41,84 +31,6 @@ _PAIRS = (("x_val", "y_val"), ("x_shifted", "y_shifted"))
 
 class InputError(Exception):
     """A problem with the user's files, arrays or options; reported without a traceback."""
-
-
-# -- progress ----------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """A single-line progress bar on ``stream`` (default: stderr), drawn only on a terminal.
-
-    Use as a context manager; ``update(done)`` redraws the line, ``advance()`` adds one.
-    With ``total=None`` it shows the step's name and, when done, its duration.
-    """
-
-    width = 30
-
-    def __init__(self, label: str, total: int | None, stream: TextIO | None = None):
-        self.label = label
-        self.total = total
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = self.stream.isatty()
-        self.done = 0
-        self._start = time.perf_counter()
-
-    def __enter__(self) -> ProgressBar:
-        self._draw()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.enabled:
-            elapsed = time.perf_counter() - self._start
-            self._draw(f" {elapsed:.1f} s\n")
-
-    def update(self, done: int) -> None:
-        """Redraw with ``done`` of ``total`` units finished."""
-        self.done = done
-        self._draw()
-
-    def advance(self) -> None:
-        """Redraw with one more unit finished."""
-        self.update(self.done + 1)
-
-    def _draw(self, end: str = "") -> None:
-        if not self.enabled:
-            return
-        if self.total:
-            filled = int(self.width * min(self.done, self.total) / self.total)
-            line = f"{self.label} [{'#' * filled:<{self.width}}] {self.done}/{self.total}"
-        else:
-            line = f"{self.label} ..."
-        self.stream.write(f"\r{line}{end}")
-        self.stream.flush()
-
-
-class _EpochProgress(keras.callbacks.Callback):
-    """Advances a :class:`ProgressBar` at the end of each training epoch."""
-
-    def __init__(self, bar: ProgressBar):
-        super().__init__()
-        self.bar = bar
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.bar.update(epoch + 1)
-
-
-# -- the study ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How the Laplace approximation is built and evaluated (see ``laplace-tf --help``)."""
-
-    likelihood: str
-    subset: str
-    curvature: str
-    prior_tuning: str
-    link: str
-    batch_size: int
-    seed: int
-    n_bins: int = 15
 
 
 @dataclass
@@ -149,114 +61,6 @@ class StudyData:
         if self.x_shifted is not None:
             sets["shifted"] = (self.x_shifted, self.y_shifted)
         return sets
-
-
-@dataclass
-class StudyOutcome:
-    """``results`` (the ``results.json`` content without ``config``), the tuning details
-    for ``config``, and the probabilities per set and method (``"MAP"``, ``"Laplace"``)."""
-
-    results: dict[str, Any]
-    tuning: dict[str, Any]
-    predictions: dict[str, dict[str, np.ndarray]]
-
-
-def run_study(model: keras.Model, data: StudyData, settings: Settings) -> StudyOutcome:
-    """Fit, tune and evaluate a diagonal Laplace approximation of ``model``.
-
-    Raises ``ValueError`` from the library for data it refuses (e.g. softmax outputs).
-    """
-    la = laplace_tf.DiagonalLaplace(
-        model, settings.likelihood, curvature=settings.curvature, subset=settings.subset
-    )
-    with ProgressBar("Laplace fit", len(data.x_train)) as bar:
-        la.fit(
-            (data.x_train, data.y_train),
-            progress=bar.update,
-            batch_size=settings.batch_size,
-            seed=settings.seed,
-        )
-    tuning = _tune_prior(la, data, settings)
-
-    predictions = {}
-    for name, (x, _) in data.labelled_sets().items():
-        predictions[name] = _predict_both(model, la, x, settings)
-    results: dict[str, Any] = {
-        key: {
-            name: metrics.evaluate(predictions[name][method], y, settings.n_bins)
-            for name, (_, y) in data.labelled_sets().items()
-        }
-        for key, method in (("map", "MAP"), ("laplace", "Laplace"))
-    }
-    if data.x_ood is not None:
-        ood = _predict_both(model, la, data.x_ood, settings)
-        results["ood_auroc"] = {
-            key: metrics.ood_auroc(predictions["test"][method], ood[method])
-            for key, method in (("map", "MAP"), ("laplace", "Laplace"))
-        }
-    return StudyOutcome(results, tuning, predictions)
-
-
-def _tune_prior(
-    la: laplace_tf.DiagonalLaplace, data: StudyData, settings: Settings
-) -> dict[str, Any]:
-    """Tune ``la``'s scalar prior precision; returns what ``config`` records about it."""
-    if settings.prior_tuning == "marglik":
-        with ProgressBar("Prior precision (marglik)", None):
-            la.optimize_prior_precision("marglik")
-        return {"prior_precision": float(la.prior_precision)}
-
-    with ProgressBar("Prior precision (gridsearch)", len(PRIOR_GRID)) as bar:
-
-        def validation_nll(probs: Any, y: Any) -> float:
-            bar.advance()
-            return metrics.nll(probs, y)
-
-        la.optimize_prior_precision(
-            "gridsearch",
-            val_data=(data.x_val, data.y_val),
-            grid=PRIOR_GRID,
-            metric=validation_nll,
-            link_approx=settings.link,
-            seed=settings.seed,
-        )
-    best = float(la.prior_precision)
-    if best in (PRIOR_GRID[0], PRIOR_GRID[-1]):
-        end, effect = (
-            ("largest", "close to the MAP's")
-            if best == PRIOR_GRID[-1]
-            else ("smallest", "possibly too uncertain")
-        )
-        print(
-            f"laplace-tf: warning: the validation NLL is lowest at the {end} prior precision "
-            f"tried ({best:g}); the Laplace predictive is {effect}",
-            file=sys.stderr,
-        )
-    return {
-        "prior_precision": best,
-        "gridsearch_validation_nll": {
-            "prior_precision": list(la.gridsearch_scores_),
-            "nll": list(la.gridsearch_scores_.values()),
-        },
-    }
-
-
-def _predict_both(
-    model: keras.Model, la: laplace_tf.DiagonalLaplace, x: np.ndarray, settings: Settings
-) -> dict[str, np.ndarray]:
-    """MAP and Laplace probabilities at ``x``: ``[N, C]``, or ``[N, 1]`` for binary."""
-    logits = np.asarray(model.predict(x, batch_size=settings.batch_size, verbose=0), np.float64)
-    map_probs = expit(logits) if settings.likelihood == "binary" else softmax(logits, axis=-1)
-    laplace_probs = la.predict(
-        x, link_approx=settings.link, seed=settings.seed, batch_size=settings.batch_size
-    )
-    return {"MAP": map_probs, "Laplace": np.asarray(laplace_probs, np.float64)}
-
-
-def versions(*extra: str) -> dict[str, str]:
-    """Installed versions of the packages that produced a result, and of ``extra`` ones."""
-    packages = ("laplace-tf", "tensorflow", "keras", "tensorflow-probability", "numpy", *extra)
-    return {name: metadata.version(name) for name in packages}
 
 
 # -- the demo ----------------------------------------------------------------------------------
@@ -362,7 +166,7 @@ def train_demo_model(
             epochs=epochs,
             batch_size=DEMO_TRAIN_BATCH,
             verbose=0,
-            callbacks=[_EpochProgress(bar)],
+            callbacks=[EpochProgress(bar)],
         )
     return model
 
