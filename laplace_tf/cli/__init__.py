@@ -14,6 +14,7 @@ The package: :mod:`~laplace_tf.cli.data` (the demo's data and model, the user's 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -114,11 +115,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
+    tf_logger = logging.getLogger("tensorflow")
+    quiet_retracing = _RetracingFilter()
+    tf_logger.addFilter(quiet_retracing)
     try:
         return args.run(args)
     except InputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        tf_logger.removeFilter(quiet_retracing)
+
+
+class _RetracingFilter(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" hints: each posterior of a
+    comparison traces its own functions, by design, and the hint is for developers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def build_parser() -> argparse.ArgumentParser:
