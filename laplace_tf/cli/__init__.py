@@ -54,19 +54,20 @@ results.json: {{"map": {{"test": {{"accuracy", "nll", "ece", "brier"}}, "shifted
 "laplace": {{...}} (the first posterior fitted), "ood_auroc": {{"map", "laplace"}},
 "structures": {{"diag:all": {{"test", "shifted", "ood_auroc", "prior_precision", "weights",
 "runtime_s"}}, "full:all": {{"skipped": REASON}}, ...}}, "config": {{...}}}}; with several
---seeds, {{"summary": {{METHOD: {{... {{"mean", "std", "n"}}}}}}, "runs": {{SEED: ...}},
-"config"}}. NLL in nats per example, ECE with {Settings.n_bins} equal-width confidence
-bins, Brier summed over classes, OOD AUROC of the top-label confidence (test examples
-positive)."""
+--seeds, {{"summary": {{METHOD: {{... {{"mean", "std", "median", "n"}}}}}}, "runs":
+{{SEED: ...}}, "config"}}. NLL in nats per example, ECE with {Settings.n_bins} equal-width
+confidence bins, Brier summed over classes, OOD AUROC of the top-label confidence (test
+examples positive)."""
 
 _STRUCTURES_HELP = f"""\
 The posteriors compared (--structures): STRUCTURE:SUBSET with STRUCTURE diag, kron or
-full and SUBSET all or last_layer, or 'every' for all six; by default
-{" ".join(DEFAULT_POSTERIORS)} (full is left out by default for its cost; with --subset
-alone, the one posterior diag:SUBSET). 'full' above --full-size-limit weights is
-skipped, and the table says why. Each posterior's prior precision is tuned on its own;
-'fit s' in the table is fit + prior tuning, 'pred s' the predictions of every set
-(both include TensorFlow's tracing of a new posterior)."""
+full and SUBSET all or last_layer, or 'every' for all six. By default
+  {" ".join(DEFAULT_POSTERIORS)}
+(full is left out by default for its cost; with --subset alone, the one posterior
+diag:SUBSET). 'full' above --full-size-limit weights is skipped, and the table says why.
+Each posterior's prior precision is tuned on its own; 'fit s' in the table is fit +
+prior tuning, 'pred s' the predictions of every set (both include TensorFlow's tracing
+of a new posterior)."""
 
 _DEMO_DESCRIPTION = f"""\
 Train a ReLU MLP 64-128-128-10 (Adam, L2 weight decay) on scikit-learn's 8x8 digits,
@@ -429,7 +430,8 @@ def _posteriors(args: argparse.Namespace) -> tuple[Posterior, ...]:
         specs = [
             name for spec in args.structures for name in (EVERY if spec == "every" else [spec])
         ]
-    return tuple(Posterior.parse(spec, args.subset or "all") for spec in specs)
+    parsed = (Posterior.parse(spec, args.subset or "all") for spec in specs)
+    return tuple(dict.fromkeys(parsed))  # in order, each once
 
 
 def _settings(args: argparse.Namespace, *, likelihood: str, seed: int) -> Settings:

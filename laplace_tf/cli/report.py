@@ -102,16 +102,14 @@ def format_table(results: Mapping[str, Any]) -> str:
         group += "  " + f"{name:-^{span}}"
     out = [group.rstrip(), join(names), *(join(cells) for cells in lines)]
     seeds = config.get("seeds")
-    spread = (
-        f"mean ± std over seeds {', '.join(map(str, seeds))} (seconds: the median); "
-        if seeds
-        else ""
+    if seeds:
+        out.append(f"mean ± std over seeds {', '.join(map(str, seeds))} (seconds: the median)")
+    out.append(
+        f"Laplace posteriors STRUCTURE:SUBSET, prior precision by {config['prior_tuning']}, "
+        f"{config['predictive']} {config['link']}, curvature {config['curvature']}"
     )
     out.append(
-        f"{spread}Laplace posteriors STRUCTURE:SUBSET, prior precision by "
-        f"{config['prior_tuning']}, {config['predictive']} {config['link']}, "
-        f"curvature {config['curvature']}; "
-        + ("OOD AUROC of the top-label confidence; " if has_ood else "")
+        ("AUROC: OOD AUROC of the top-label confidence; " if has_ood else "")
         + f"fit s = fit + prior tuning; {config['runtime_s']['total']:.1f} s in all"
     )
     return "\n".join(out)
