@@ -61,11 +61,22 @@ CASES = {
     "bidirectional_lstm_gru_mul": lambda: L.Bidirectional(L.LSTM(3), backward_layer=L.GRU(3, reset_after=False, go_backwards=True), merge_mode="mul"),  # noqa: E501
 }  # fmt: skip
 NAMES = sorted(CASES)
-#: One per layer type and GRU variant: the fallback is slow through a recurrence.
+#: Variants whose dense-Jacobian check is long; ``make test-slow`` (and CI) runs them,
+#: the default run keeps one case per layer type and merge path.
+SLOW_NAMES = {
+    "bidirectional_gru_sequences_sum", "bidirectional_lstm_gru_mul",
+    "bidirectional_simple_rnn_sequences_ave",
+}  # fmt: skip
+#: One per layer type and GRU variant: the fallback is slow through a recurrence, so
+#: only the first runs by default and the others are marked slow.
 FALLBACK_NAMES = [
     "simple_rnn_sequences_backwards_relu", "lstm", "gru", "gru_reset_before",
     "bidirectional_lstm_gru_mul",
 ]  # fmt: skip
+
+
+def _marked(names, slow):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
 
 
 def _randomise(model, seed):
@@ -94,7 +105,7 @@ def _fits(model, x, y, weights):
     return ggn, output_covariance(model, x, weights, batch_size=3).numpy()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _marked(NAMES, SLOW_NAMES))
 def test_rule_matches_dense_jacobians(name):
     model, x, y = build(name)
     weights = _weights(model)
@@ -117,7 +128,7 @@ def test_rule_is_used_and_its_forward_is_keras(name):
 
 
 @pytest.mark.filterwarnings("ignore::laplace_tf.curvature.FallbackWarning")
-@pytest.mark.parametrize("name", FALLBACK_NAMES)
+@pytest.mark.parametrize("name", _marked(FALLBACK_NAMES, set(FALLBACK_NAMES[1:])))
 def test_rule_matches_fallback(name, monkeypatch):
     model, x, y = build(name)
     weights = _weights(model)
