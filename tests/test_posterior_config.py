@@ -214,8 +214,8 @@ def test_a_likelihood_object_is_accepted():
     assert float(smoothed.log_likelihood()) != float(by_name.log_likelihood())
     assert smoothed.predict(x).shape == (20, 3)
 
-    class Unnamed(Likelihood):
+    class Incomplete(Likelihood):
         name = "poisson"
 
-    with pytest.raises(ValueError, match="needs a name among"):
-        Laplace(model, Unnamed())
+    with pytest.raises(TypeError, match="Incomplete does not define nll, link, hessian_factor"):
+        Laplace(model, Incomplete())
