@@ -67,7 +67,8 @@ def test_changing_the_curvature_after_fit_is_refused_until_refit(structure):
 def test_changing_structure_likelihood_or_subset_after_fit_is_refused():
     data = regression_data()
     la = Laplace(mlp(), "regression").fit(data)
-    for name, value in (("structure", "kron"), ("subset", "last_layer")):
+    changes = (("structure", "kron"), ("subset", "last_layer"), ("likelihood", "classification"))
+    for name, value in changes:
         original = getattr(la, name)
         setattr(la, name, value)
         with pytest.raises(RuntimeError, match=f"fitted with {name}="):

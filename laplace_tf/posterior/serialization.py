@@ -376,12 +376,13 @@ def _restore(
             raise ValueError(f"the stored arrays for {v.path} do not match its shape or dtype.")
     state = la.structure_class.from_state(arrays, metadata.get("structure_state", {}), la.variables)
     fit = metadata["fit"]
+    settings = la.fitted_settings()
     la.restore(
         FitRecord(
             structure=state,
-            curvature=la.curvature,
-            likelihood=la.likelihood,
-            subset=la.subset if isinstance(la.subset, str) else tuple(la.subset),
+            curvature=settings["curvature"],
+            likelihood=settings["likelihood"],
+            subset=settings["subset"],
             loss=float(fit["loss"]),
             n_data=int(fit["n_data"]),
             n_outputs=int(fit["n_outputs"]),
