@@ -220,3 +220,16 @@ def test_a_likelihood_object_is_accepted():
 
     with pytest.raises(TypeError, match="Incomplete does not define nll, link, hessian_factor"):
         Laplace(model, Incomplete())
+
+
+def test_the_model_and_the_selected_weights_are_read_only():
+    """A posterior belongs to the model it was fitted on: neither can be swapped after fit
+    (the weights change only through ``subset``, which the record then refuses)."""
+    la = Laplace(mlp(), "regression").fit(regression_data())
+    with pytest.raises(AttributeError):
+        la.model = mlp()
+    with pytest.raises(AttributeError):
+        la.variables = la.variables[:2]
+    la.variables.clear()  # a copy
+    assert len(la.variables) == 4
+    la.log_marginal_likelihood()

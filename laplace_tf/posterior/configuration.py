@@ -35,8 +35,17 @@ class Configuration:
     :class:`~laplace_tf.Laplace` for their meaning. Assigning a setting validates it and
     leaves the object unchanged on error."""
 
-    model: keras.Model
     fixed_structure: str | None = None
+
+    @property
+    def model(self) -> keras.Model:
+        """The model (read-only: a posterior belongs to the model it is fitted on)."""
+        return self._model
+
+    @property
+    def variables(self) -> list:
+        """The selected weights, in order (read-only; set through ``subset``)."""
+        return list(self._variables)
 
     @property
     def likelihood(self) -> str | Likelihood:
@@ -93,7 +102,7 @@ class Configuration:
         prior_mean = _finite_prior_mean(self._prior_mean_value, variables)
         if self._structure_cls is not None:
             self._check_structure(self._structure_cls, variables, prior)
-        self._subset, self._groups, self.variables = value, groups, variables
+        self._subset, self._groups, self._variables = value, groups, variables
         self._prior, self._prior_mean = prior, prior_mean
         self._nn_forward = None
 

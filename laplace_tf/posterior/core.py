@@ -108,7 +108,7 @@ class Laplace(Configuration):
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
         if not model.built:
             raise ValueError("model is not built: call it on data (or build it) first.")
-        self.model = model
+        self._model = model
         self._record: FitRecord | None = None
         self._full_size_limit = positive_int("full_size_limit", full_size_limit)
         self._likelihood_object: Likelihood | None = None
@@ -143,9 +143,10 @@ class Laplace(Configuration):
         seed, same fit; ``None`` draws a fresh one). Returns ``self``. A failure leaves
         both the model and any previous fit untouched.
 
-        Every batch is checked before use: NaN / Inf in inputs or targets, labels that
-        are not integers in ``[0, C)`` (classification) or not 0 / 1 (binary), and
-        targets whose shape does not match the outputs raise ``ValueError`` naming the
+        Every batch is checked before use: NaN / Inf in inputs or targets, labels outside
+        the likelihood's ``label_range`` (integers in ``[0, C)`` for classification, 0 / 1
+        for binary), and targets of a shape the likelihood's ``target_shape_error``
+        refuses raise ``ValueError`` naming the
         batch and the example's index in the data. With ``curvature="hessian"`` on a
         non-convex loss, negative diagonal entries (``"full"``: eigenvalues) are set to 0
         with a warning (the posterior precision never drops below the prior's). A model
