@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf._data import batched
-from laplace_tf.likelihoods import Binary, Classification, Likelihood, Regression
+from laplace_tf.likelihoods import Binary, Classification, Likelihood
 
 #: Rows of a probe output within this of summing to one are taken for probabilities.
 _PROBABILITY_TOLERANCE = 1e-5
@@ -56,28 +56,17 @@ class BatchChecker:
             self._fail_nonfinite("inputs", float_leaves)
         if not y_finite:
             self._fail_nonfinite("targets", (y,))
-        if isinstance(self.likelihood, Classification):
-            if not y_integral or y_min < 0 or y_max >= self.n_outputs:
-                self._fail_labels(y, f"integers in [0, {self.n_outputs})")
-        elif isinstance(self.likelihood, Binary):
-            if not y_integral or y_min < 0 or y_max > 1:
-                self._fail_labels(y, "0 or 1")
+        labels = self.likelihood.label_range(self.n_outputs)
+        if labels is not None and (not y_integral or y_min < labels[0] or y_max >= labels[1]):
+            self._fail_labels(y, labels)
         self.batch += 1
         self.offset += count
 
     def _check_shape(self, y: tf.Tensor, count: int) -> None:
         shape = tuple(y.shape)
         width = self.n_outputs
-        if isinstance(self.likelihood, Classification | Binary):
-            valid = shape in ((count,), (count, 1))
-            expected = f"[{count}] or [{count}, 1] (one label per example)"
-        elif isinstance(self.likelihood, Regression):
-            valid = shape == (count, width) or (width == 1 and shape == (count,))
-            expected = f"[{count}, {width}]" + (f" or [{count}]" if width == 1 else "")
-        else:
-            valid = bool(shape) and shape[0] == count
-            expected = f"[{count}, ...]"
-        if not valid:
+        expected = self.likelihood.target_shape_error(shape, count, width)
+        if expected is not None:
             raise ValueError(
                 f"targets of batch {self.batch} have shape {list(shape)}, but the model gives "
                 f"{width} output(s) per example for {count} examples: expected {expected}."
@@ -95,10 +84,11 @@ class BatchChecker:
                 )
         raise AssertionError("unreachable: a non-finite value was reported but not found")
 
-    def _fail_labels(self, y: tf.Tensor, expected: str) -> None:
+    def _fail_labels(self, y: tf.Tensor, valid: tuple[int, int]) -> None:
+        low, upper = valid
+        expected = "0 or 1" if valid == (0, 2) else f"integers in [{low}, {upper})"
         labels = np.asarray(y).reshape(-1)
-        upper = self.n_outputs if isinstance(self.likelihood, Classification) else 2
-        bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels >= upper))
+        bad = np.flatnonzero((labels != np.round(labels)) | (labels < low) | (labels >= upper))
         first = int(bad[0])
         raise ValueError(
             f"labels must be {expected} for the {self.likelihood.name} likelihood; batch "

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import keras
 
+from laplace_tf.likelihoods import Likelihood
 from laplace_tf.posterior import Laplace
 
 
@@ -34,13 +35,13 @@ class DiagonalLaplace(Laplace):
     def __init__(
         self,
         model: keras.Model,
-        likelihood: str = "classification",
+        likelihood: str | Likelihood = "classification",
         *,
         curvature: str = "ggn",
         subset: str | Sequence[str] = "all",
         prior_precision: Any = 1.0,
         prior_mean: Any = 0.0,
-        sigma_noise: float = 1.0,
+        sigma_noise: float | None = None,
         temperature: float = 1.0,
     ):
         super().__init__(

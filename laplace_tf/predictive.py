@@ -53,15 +53,22 @@ def monte_carlo(
     binary: bool = False,
 ) -> tf.Tensor:
     """``mean_s softmax(g_s)`` with ``g_s ~ N(f, Sigma)`` drawn per example (sigmoid if binary)."""
+    samples = gaussian_draws(mean, covariance, n_samples=n_samples, seed=seed)
+    link = tf.sigmoid(samples) if binary else tf.nn.softmax(samples, axis=-1)
+    return tf.reduce_mean(link, axis=0)
+
+
+def gaussian_draws(
+    mean: tf.Tensor, covariance: tf.Tensor, *, n_samples: int, seed: tf.Tensor
+) -> tf.Tensor:
+    """``[S, N, C]`` draws ``g_s ~ N(f_n, Sigma_n)`` per example (a jittered Cholesky factor)."""
     width = tf.shape(mean)[-1]
     jitter = tf.eye(width, dtype=mean.dtype) * _jitter(covariance)
     factor = tf.linalg.cholesky(covariance + jitter)  # [N, C, C]
     noise = tf.random.stateless_normal(
         tf.concat([[n_samples], tf.shape(mean)], 0), seed=seed, dtype=mean.dtype
     )
-    samples = mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
-    link = tf.sigmoid(samples) if binary else tf.nn.softmax(samples, axis=-1)
-    return tf.reduce_mean(link, axis=0)
+    return mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
 
 
 def _jitter(covariance: tf.Tensor) -> tf.Tensor:

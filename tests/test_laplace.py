@@ -662,7 +662,7 @@ def test_marglik_from_a_distant_start_reaches_the_maximum(tanh_regressor, start)
 def test_marglik_warns_when_the_optimiser_fails(blr_la, monkeypatch):
     from scipy.optimize import OptimizeResult
 
-    from laplace_tf import tuning
+    from laplace_tf.posterior import tuning
 
     def stuck(fun, x0, **kwargs):
         value, gradient = fun(x0)

@@ -67,7 +67,8 @@ def test_changing_the_curvature_after_fit_is_refused_until_refit(structure):
 def test_changing_structure_likelihood_or_subset_after_fit_is_refused():
     data = regression_data()
     la = Laplace(mlp(), "regression").fit(data)
-    for name, value in (("structure", "kron"), ("subset", "last_layer")):
+    changes = (("structure", "kron"), ("subset", "last_layer"), ("likelihood", "classification"))
+    for name, value in changes:
         original = getattr(la, name)
         setattr(la, name, value)
         with pytest.raises(RuntimeError, match=f"fitted with {name}="):
@@ -214,8 +215,21 @@ def test_a_likelihood_object_is_accepted():
     assert float(smoothed.log_likelihood()) != float(by_name.log_likelihood())
     assert smoothed.predict(x).shape == (20, 3)
 
-    class Unnamed(Likelihood):
+    class Incomplete(Likelihood):
         name = "poisson"
 
-    with pytest.raises(ValueError, match="needs a name among"):
-        Laplace(model, Unnamed())
+    with pytest.raises(TypeError, match="Incomplete does not define nll, link, hessian_factor"):
+        Laplace(model, Incomplete())
+
+
+def test_the_model_and_the_selected_weights_are_read_only():
+    """A posterior belongs to the model it was fitted on: neither can be swapped after fit
+    (the weights change only through ``subset``, which the record then refuses)."""
+    la = Laplace(mlp(), "regression").fit(regression_data())
+    with pytest.raises(AttributeError):
+        la.model = mlp()
+    with pytest.raises(AttributeError):
+        la.variables = la.variables[:2]
+    la.variables.clear()  # a copy
+    assert len(la.variables) == 4
+    la.log_marginal_likelihood()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from laplace_tf import DiagonalLaplace, Laplace, serialization
+from laplace_tf.posterior import serialization as posterior_serialization
 
 DATA = Path(__file__).parent / "data"
 L = keras.layers
@@ -65,7 +66,7 @@ def test_round_trip_is_bitwise(tmp_path, structure, subset, prior):
     assert loaded.record.structure.name == structure
     for name, value in outputs_of(loaded, x[:5]).items():
         assert_bitwise(value, expected[name])
-    metadata = serialization._read(str(path))[0]
+    metadata = posterior_serialization._read(str(path))[0]
     assert metadata["version"] == 3 and metadata["structure"] == structure
 
 

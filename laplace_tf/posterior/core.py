@@ -11,38 +11,29 @@ and curvature.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf import predictive, tuning
-from laplace_tf._checks import positive_float, positive_int, resolve_seed, unwrap_variable
+from laplace_tf import predictive
+from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE
-from laplace_tf._validation import check_output_activation
-from laplace_tf.curvature.structured import KINDS
-from laplace_tf.likelihoods import BUILT_IN, LIKELIHOODS, Likelihood, get_likelihood
-from laplace_tf.posterior import prediction
+from laplace_tf.likelihoods import Likelihood, check_protocol
+from laplace_tf.posterior import evidence, prediction, serialization, tuning
+from laplace_tf.posterior.configuration import Configuration
 from laplace_tf.posterior.diagonal import Diagonal
-from laplace_tf.posterior.full import DEFAULT_SIZE_LIMIT, Full, check_size
-from laplace_tf.posterior.kron import Kron
+from laplace_tf.posterior.full import DEFAULT_SIZE_LIMIT
+from laplace_tf.posterior.prior import PriorPrecision
 from laplace_tf.posterior.record import FitRecord
-from laplace_tf.posterior.structure import Scaling, as_dtype, per_weight_prior_refused
-from laplace_tf.prior import PRIOR_STRUCTURES, PriorPrecision
-from laplace_tf.selection import prior_mean_list, select_groups
 
 tfd = tfp.distributions
 
-#: The posterior structures, by name.
-STRUCTURES = {"diag": Diagonal, "kron": Kron, "full": Full}
 
-
-class Laplace:
+class Laplace(Configuration):
     """Laplace approximation of the posterior over a trained Keras model's weights.
 
     Parameters
@@ -52,6 +43,11 @@ class Laplace:
         ``"binary"``, or the mean for ``"regression"``). It is never modified. A model
         whose last layer applies softmax (sigmoid for ``"binary"``) is refused.
     likelihood : {"classification", "binary", "regression"} or Likelihood
+        A built-in name, or a :class:`~laplace_tf.likelihoods.Likelihood` object (a
+        built-in one or the user's own subclass): it supplies every likelihood-specific
+        rule (loss and curvature factors, link and predictive, noise rescaling,
+        normalising constant, target checks); an object that lacks what the curvature
+        kind needs is refused with a ``TypeError``.
     structure : {"diag", "kron", "full"}
         ``"diag"``: the curvature diagonal. ``"kron"``: ``A (x) B`` per Dense / Conv
         kernel, an exact block per bias, the diagonal for other weights (see
@@ -69,8 +65,10 @@ class Laplace:
         weight (``"diag"`` and ``"full"`` only). Positive.
     prior_mean : float or list of arrays
         Mean of the Gaussian prior (used in the marginal likelihood). Finite.
-    sigma_noise : float
-        Observation noise of the ``"regression"`` likelihood.
+    sigma_noise : float, optional
+        Observation noise of a likelihood that has one (``"regression"``; any with
+        ``noise_exponent > 0``). Default: the likelihood object's own ``sigma_noise`` if it
+        has one, else 1. The curvature is fitted at unit noise and rescaled.
     temperature : float
         ``T > 0``; the curvature and the log-likelihood are divided by it.
     full_size_limit : int
@@ -102,7 +100,7 @@ class Laplace:
         curvature: str = "ggn",
         prior_precision: Any = 1.0,
         prior_mean: Any = 0.0,
-        sigma_noise: float = 1.0,
+        sigma_noise: float | None = None,
         temperature: float = 1.0,
         full_size_limit: int = DEFAULT_SIZE_LIMIT,
     ):
@@ -110,149 +108,20 @@ class Laplace:
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
         if not model.built:
             raise ValueError("model is not built: call it on data (or build it) first.")
-        self.model = model
+        self._model = model
         self._record: FitRecord | None = None
         self._full_size_limit = positive_int("full_size_limit", full_size_limit)
-        self.likelihood = likelihood
+        self._likelihood_object: Likelihood | None = None
         self.curvature = curvature
+        self.likelihood = likelihood
         self._prior_precision_value, self._prior_mean_value = prior_precision, prior_mean
         self._structure_cls = None
         self.subset = subset
         self.structure = structure
+        if sigma_noise is None:
+            sigma_noise = getattr(self._likelihood_object, "sigma_noise", 1.0)
         self.sigma_noise = sigma_noise
         self.temperature = temperature
-
-    # -- configuration ---------------------------------------------------------------------
-
-    @property
-    def likelihood(self) -> str | Likelihood:
-        """The likelihood: a built-in name or a :class:`~laplace_tf.likelihoods.Likelihood`."""
-        return self._likelihood
-
-    @likelihood.setter
-    def likelihood(self, value: str | Likelihood) -> None:
-        if isinstance(value, Likelihood):
-            if value.name not in LIKELIHOODS:
-                raise ValueError(
-                    f"a Likelihood object needs a name among {', '.join(LIKELIHOODS)} (its "
-                    f"predictive and noise rules follow it); got {value.name!r}."
-                )
-        elif value not in LIKELIHOODS:
-            raise ValueError(
-                f"Unknown likelihood {value!r}; valid names are {', '.join(LIKELIHOODS)}."
-            )
-        check_output_activation(self.model, get_likelihood(value))
-        self._likelihood = value
-
-    @property
-    def likelihood_name(self) -> str:
-        """``"classification"``, ``"binary"`` or ``"regression"``."""
-        return self._likelihood if isinstance(self._likelihood, str) else self._likelihood.name
-
-    @property
-    def curvature(self) -> str:
-        """The curvature kind ``fit`` computes."""
-        return self._curvature_kind
-
-    @curvature.setter
-    def curvature(self, value: str) -> None:
-        if value not in KINDS:
-            raise ValueError(f"Unknown curvature {value!r}; valid kinds are {', '.join(KINDS)}.")
-        self._curvature_kind = value
-
-    @property
-    def subset(self) -> str | list[str]:
-        """The weight selection; setting it re-reads the prior for the new selection."""
-        return self._subset
-
-    @subset.setter
-    def subset(self, value: str | Sequence[str]) -> None:
-        groups = select_groups(self.model, value)
-        variables = [v for group in groups for v in group]
-        prior = PriorPrecision.from_value(self._prior_precision_value, groups)
-        prior_mean = _finite_prior_mean(self._prior_mean_value, variables)
-        if self._structure_cls is not None:
-            self._check_structure(self._structure_cls, variables, prior)
-        self._subset, self._groups, self.variables = value, groups, variables
-        self._prior, self._prior_mean = prior, prior_mean
-        self._nn_forward = None
-
-    @property
-    def structure(self) -> str:
-        """``"diag"``, ``"kron"`` or ``"full"``."""
-        return self._structure
-
-    @structure.setter
-    def structure(self, value: str) -> None:
-        if self.fixed_structure is not None and value != self.fixed_structure:
-            raise ValueError(
-                f"{type(self).__name__} has structure={self.fixed_structure!r}; use "
-                f"laplace_tf.Laplace(..., structure={value!r})."
-            )
-        structure_cls = STRUCTURES[prediction.check_choice("structure", value, tuple(STRUCTURES))]
-        self._check_structure(structure_cls, self.variables, self._prior)
-        self._structure, self._structure_cls = value, structure_cls
-
-    def _check_structure(self, structure_cls: type, variables: list, prior: PriorPrecision) -> None:
-        if structure_cls is Full:
-            check_size(variables, self._full_size_limit)
-        if prior.structure == "diag" and not structure_cls.per_weight_prior:
-            raise per_weight_prior_refused(structure_cls.name)
-
-    @property
-    def full_size_limit(self) -> int:
-        """Most selected weights ``structure="full"`` accepts."""
-        return self._full_size_limit
-
-    @property
-    def groups(self) -> list[list]:
-        """The selected weights grouped by layer (one prior value each when layerwise)."""
-        return [list(g) for g in self._groups]
-
-    @property
-    def prior(self) -> PriorPrecision:
-        """The validated prior precision."""
-        return self._prior
-
-    @property
-    def sigma_noise(self) -> float:
-        """Observation noise of the regression likelihood."""
-        return self._sigma_noise
-
-    @sigma_noise.setter
-    def sigma_noise(self, value: float) -> None:
-        self._sigma_noise = positive_float("sigma_noise", value)
-
-    @property
-    def temperature(self) -> float:
-        """``T > 0``: the curvature and the log-likelihood are divided by it."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = positive_float("temperature", value)
-
-    @property
-    def prior_precision(self) -> float | list:
-        """The prior precision: a float (scalar), a list of floats (layerwise) or arrays."""
-        return self._prior.value
-
-    @prior_precision.setter
-    def prior_precision(self, value: Any) -> None:
-        prior = PriorPrecision.from_value(value, self._groups)
-        if prior.structure == "diag" and not self._structure_cls.per_weight_prior:
-            raise per_weight_prior_refused(self._structure)
-        self._prior, self._prior_precision_value = prior, value
-
-    @property
-    def prior_mean(self) -> list[tf.Tensor]:
-        """The prior mean, one tensor per selected weight."""
-        return list(self._prior_mean)
-
-    @prior_mean.setter
-    def prior_mean(self, value: Any) -> None:
-        self._prior_mean = _finite_prior_mean(value, self.variables)
-        self._prior_mean_value = value
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -274,19 +143,16 @@ class Laplace:
         seed, same fit; ``None`` draws a fresh one). Returns ``self``. A failure leaves
         both the model and any previous fit untouched.
 
-        Every batch is checked before use: NaN / Inf in inputs or targets, labels that
-        are not integers in ``[0, C)`` (classification) or not 0 / 1 (binary), and
-        targets whose shape does not match the outputs raise ``ValueError`` naming the
+        Every batch is checked before use: NaN / Inf in inputs or targets, labels outside
+        the likelihood's ``label_range`` (integers in ``[0, C)`` for classification, 0 / 1
+        for binary), and targets of a shape the likelihood's ``target_shape_error``
+        refuses raise ``ValueError`` naming the
         batch and the example's index in the data. With ``curvature="hessian"`` on a
         non-convex loss, negative diagonal entries (``"full"``: eigenvalues) are set to 0
         with a warning (the posterior precision never drops below the prior's). A model
         built under a ``tf.distribute`` strategy is fitted across its replicas.
         """
-        likelihood = (
-            get_likelihood(self.likelihood_name, sigma_noise=1.0)
-            if isinstance(self.likelihood, str) or type(self.likelihood) in BUILT_IN
-            else self.likelihood
-        )
+        likelihood = check_protocol(self._likelihood_object, self.curvature).unit_noise()
         fitted, summary = self._structure_cls.fit(
             self.model,
             data,
@@ -297,14 +163,10 @@ class Laplace:
             progress=progress,
             seed=seed,
         )
-        loss = summary.nll
-        if self.likelihood_name == "regression":  # keep half the squared error
-            loss -= summary.n_data * summary.n_outputs * math.log(2 * math.pi) / 2
+        loss = evidence.fitted_loss(likelihood, summary.nll, summary.n_data, summary.n_outputs)
         self._record = FitRecord(
             structure=fitted,
-            curvature=self.curvature,
-            likelihood=self._likelihood_id(),
-            subset=_frozen_subset(self.subset),
+            **{k: v for k, v in self.fitted_settings().items() if k != "structure"},
             loss=loss,
             n_data=summary.n_data,
             n_outputs=summary.n_outputs,
@@ -324,40 +186,13 @@ class Laplace:
             raise RuntimeError(
                 f"This {type(self).__name__} is not fitted yet: call fit(data) first."
             )
-        changes = self._record.changes(
-            {
-                "structure": self.structure,
-                "curvature": self.curvature,
-                "likelihood": self._likelihood_id(),
-                "subset": _frozen_subset(self.subset),
-            }
-        )
+        changes = self._record.changes(self.fitted_settings())
         if changes:
             raise RuntimeError(
                 f"This {type(self).__name__} was fitted with {', '.join(changes)}: call "
                 "fit(data) again (or restore the setting) before using it."
             )
         return self._record
-
-    def _likelihood_id(self) -> Any:
-        """Built-in likelihoods compare by name, other objects by identity."""
-        if isinstance(self.likelihood, str) or type(self.likelihood) in BUILT_IN:
-            return self.likelihood_name
-        return self.likelihood
-
-    def _scaling(self, sigma_noise: Any) -> Scaling:
-        if self.likelihood_name != "regression":
-            return Scaling(None, 2, self.temperature)
-        return Scaling(
-            self._sigma(sigma_noise), 4 if self.curvature == "ef" else 2, self.temperature
-        )
-
-    def _sigma(self, sigma_noise: Any) -> Any:
-        if sigma_noise is None:
-            return self.sigma_noise
-        if isinstance(sigma_noise, tf.Tensor | tf.Variable):
-            return sigma_noise
-        return positive_float("sigma_noise", sigma_noise)
 
     @property
     def n_data(self) -> int:
@@ -425,15 +260,10 @@ class Laplace:
     # -- marginal likelihood ---------------------------------------------------------------
 
     def log_likelihood(self, sigma_noise: Any = None) -> tf.Tensor:
-        """Log-likelihood of the training data at the MAP, divided by the temperature."""
-        record = self.record
-        loss = tf.constant(record.loss, tf.float64)
-        if self.likelihood_name != "regression":
-            return -loss / self.temperature
-        sigma = as_dtype(self._sigma(sigma_noise), tf.float64)
-        count = record.n_data * record.n_outputs
-        return -loss / (sigma**2 * self.temperature) - count * tf.math.log(
-            sigma * math.sqrt(2 * math.pi)
+        """Log-likelihood of the training data at the MAP, divided by the temperature
+        (see :mod:`laplace_tf.posterior.evidence`)."""
+        return evidence.log_likelihood(
+            self._likelihood_object, self.record, self._sigma(sigma_noise), self.temperature
         )
 
     def log_marginal_likelihood(self, prior_precision: Any = None, sigma_noise: Any = None):
@@ -450,13 +280,13 @@ class Laplace:
             if prior_precision is None
             else PriorPrecision.expand(prior_precision, self._groups)
         )
-        log_det = record.structure.log_det(prior, self._scaling(sigma_noise))
-        prior_log_det, scatter = 0.0, 0.0
-        for p, theta, mu in zip(prior, record.mean, self._prior_mean, strict=True):
-            p = tf.broadcast_to(tf.cast(p, tf.float64), theta.shape)
-            prior_log_det += tf.reduce_sum(tf.math.log(p))
-            scatter += tf.reduce_sum(p * tf.square(tf.cast(theta - mu, tf.float64)))
-        return self.log_likelihood(sigma_noise) - 0.5 * (log_det - prior_log_det + scatter)
+        return evidence.log_marginal_likelihood(
+            record,
+            prior,
+            self._prior_mean,
+            self._scaling(sigma_noise),
+            self.log_likelihood(sigma_noise),
+        )
 
     def optimize_prior_precision(
         self,
@@ -485,28 +315,18 @@ class Laplace:
         the same ``seed`` for every grid value, so the values are compared on the same
         draws.
         """
-        _ = self.record  # unfitted or stale: raise before anything else
-        if prior_structure not in PRIOR_STRUCTURES:
-            raise ValueError(
-                f"Unknown prior_structure {prior_structure!r}; "
-                f"valid: {', '.join(PRIOR_STRUCTURES)}."
-            )
-        if method == "marglik":
-            if prior_structure == "diag" and not self._structure_cls.per_weight_prior:
-                raise per_weight_prior_refused(self.structure)
-            if optimize_sigma_noise and self.likelihood_name != "regression":
-                raise ValueError("optimize_sigma_noise applies to the regression likelihood only.")
-            tuning.optimize_marglik(self, prior_structure, optimize_sigma_noise)
-        elif method == "gridsearch":
-            if prior_structure != "scalar":
-                raise ValueError("gridsearch tunes a scalar prior precision only.")
-            if val_data is None:
-                raise ValueError("gridsearch needs val_data=(x_val, y_val).")
-            tuning.gridsearch(
-                self, val_data, grid, metric, pred_type, link_approx, resolve_seed(seed)
-            )
-        else:
-            raise ValueError(f"Unknown method {method!r}; valid methods are marglik, gridsearch.")
+        tuning.optimize(
+            self,
+            method,
+            prior_structure=prior_structure,
+            val_data=val_data,
+            grid=grid,
+            metric=metric,
+            optimize_sigma_noise=optimize_sigma_noise,
+            pred_type=pred_type,
+            link_approx=link_approx,
+            seed=seed,
+        )
         return self
 
     # -- persistence -----------------------------------------------------------------------
@@ -515,10 +335,8 @@ class Laplace:
         """Write the fitted posterior to ``path`` (one ``.npz`` file, replaced atomically).
 
         The model is not included: save it with ``model.save``. See
-        :mod:`laplace_tf.serialization` for the format.
+        :mod:`laplace_tf.posterior.serialization` for the format.
         """
-        from laplace_tf import serialization
-
         serialization.save(self, path)
 
     @classmethod
@@ -532,8 +350,6 @@ class Laplace:
         class, as :class:`~laplace_tf.DiagonalLaplace` fixes ``"diag"``), a file of
         another structure is refused.
         """
-        from laplace_tf import serialization
-
         return serialization.load(path, model, cls=cls, structure=structure)
 
     def restore(self, record: FitRecord) -> None:
@@ -622,14 +438,3 @@ class Laplace:
         return prediction.predictive_samples(
             self, x, n_samples, pred_type=pred_type, seed=seed, batch_size=batch_size
         )
-
-
-def _frozen_subset(subset: str | Sequence[str]) -> str | tuple[str, ...]:
-    return subset if isinstance(subset, str) else tuple(subset)
-
-
-def _finite_prior_mean(value: Any, variables: list) -> list[tf.Tensor]:
-    means = prior_mean_list(value, variables)
-    if not all(bool(np.all(np.isfinite(m.numpy()))) for m in means):
-        raise ValueError("prior_mean must be finite.")
-    return means

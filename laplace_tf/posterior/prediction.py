@@ -9,7 +9,6 @@ assigned).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -18,6 +17,7 @@ import tensorflow as tf
 from laplace_tf import predictive
 from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
 from laplace_tf._validation import checked_inputs
+from laplace_tf.posterior.configuration import check_choice
 
 if TYPE_CHECKING:
     from laplace_tf.posterior.core import Laplace
@@ -40,32 +40,21 @@ def predict(
     _ = la.record
     check_choice("pred_type", pred_type, PRED_TYPES)
     check_choice("link_approx", link_approx, predictive.LINK_APPROXIMATIONS)
-    regression = la.likelihood_name == "regression"
-    noise = la.sigma_noise**2 if include_noise else 0.0
+    likelihood = la.likelihood_object
+    sigma_noise = la.sigma_noise if include_noise and likelihood.noise_exponent else None
     if pred_type == "nn":
-        samples = predictive_samples(
-            la, x, n_samples, pred_type="nn", seed=seed, batch_size=batch_size
-        )
-        mean = tf.reduce_mean(samples, axis=0)
-        if not regression:
-            return mean
-        return mean, tf.math.reduce_variance(samples, axis=0) + noise
+        n_samples = positive_int("n_samples", n_samples)
+        outputs = sampled_outputs(la, x, n_samples, resolve_seed(seed), batch_size)
+        return likelihood.nn_predictive(outputs, sigma_noise)
     mean, covariance = la._glm(x, batch_size)
-    if regression:
-        return mean, tf.linalg.diag_part(covariance) + noise
-    binary = la.likelihood_name == "binary"
-    if link_approx == "probit":
-        return predictive.probit(mean, covariance, binary=binary)
-    if link_approx == "bridge":
-        if binary:
-            raise ValueError("link_approx='bridge' needs two or more classes; use probit or mc.")
-        return predictive.bridge(mean, covariance)
-    return predictive.monte_carlo(
+    sampled = link_approx == "mc"
+    return likelihood.glm_predictive(
         mean,
         covariance,
-        n_samples=positive_int("n_samples", n_samples),
-        seed=[resolve_seed(seed), 0],
-        binary=binary,
+        link_approx=link_approx,
+        n_samples=positive_int("n_samples", n_samples) if sampled else n_samples,
+        seed=[resolve_seed(seed), 0] if sampled else None,
+        sigma_noise=sigma_noise,
     )
 
 
@@ -85,24 +74,10 @@ def predictive_samples(
     seed = resolve_seed(seed)
     if pred_type == "glm":
         mean, covariance = la._glm(x, batch_size)
-        jitter = predictive._jitter(covariance) * tf.eye(tf.shape(mean)[-1], dtype=mean.dtype)
-        factor = tf.linalg.cholesky(covariance + jitter)
-        noise = tf.random.stateless_normal(
-            tf.concat([[n_samples], tf.shape(mean)], 0), seed=[seed, 1], dtype=mean.dtype
-        )
-        outputs = mean[None] + tf.einsum("ncd,snd->snc", factor, noise)
+        outputs = predictive.gaussian_draws(mean, covariance, n_samples=n_samples, seed=[seed, 1])
     else:
         outputs = sampled_outputs(la, x, n_samples, seed, batch_size)
-    return link(la.likelihood_name, outputs)
-
-
-def link(likelihood: str, outputs: tf.Tensor) -> tf.Tensor:
-    """Probabilities (softmax / sigmoid) from outputs; regression outputs unchanged."""
-    if likelihood == "classification":
-        return tf.nn.softmax(outputs, axis=-1)
-    if likelihood == "binary":
-        return tf.sigmoid(outputs)
-    return outputs
+    return la.likelihood_object.link(outputs)
 
 
 def sampled_outputs(la: Laplace, x: Any, n_samples: int, seed: int, batch_size: int) -> tf.Tensor:
@@ -153,10 +128,3 @@ def stateless_forward(model: keras.Model, variables: list):
         return outputs
 
     return forward
-
-
-def check_choice(name: str, value: str, valid: Sequence[str]) -> str:
-    """``value``, or a ValueError listing the ``valid`` values of ``name``."""
-    if value not in valid:
-        raise ValueError(f"Unknown {name} {value!r}; valid values are {', '.join(valid)}.")
-    return value

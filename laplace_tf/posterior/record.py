@@ -26,8 +26,9 @@ class FitRecord:
     subset : str or tuple of str
         The weight selection it was computed for.
     loss : float
-        The MAP negative log-likelihood (for regression half the squared error: the NLL
-        at unit noise without its normalising constant).
+        The MAP negative log-likelihood at unit noise less the likelihood's
+        ``log_normaliser`` (for regression half the squared error; the NLL itself for a
+        likelihood without noise).
     n_data, n_outputs : int
         Number of training examples and model outputs.
     mean : tuple of tf.Tensor
