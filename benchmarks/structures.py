@@ -16,19 +16,30 @@ warm-up that traces; the figures are medians over the repeats:
 Issue targets: kron fit <= 1.5x the diagonal fit of the same kind; last-layer full fit
 <= 1.2x a gradient epoch; GLM predict of every structure <= 3x ``model.predict``.
 
-Measured (turn 3, 2 shared CPU cores, load 6-8, TF 2.21, ``--repeats 5``), ratios:
+Measured (2 CPU cores shared with other jobs, load average 6-12, TF 2.21; MLP ``--repeats
+5 --kinds ggn ef``, CNN ``--repeats 1``): medians, as ratios within one run.
 
-==========================  ==========  ============  =================
-case                         fit / diag  fit / epoch   predict / predict
-==========================  ==========  ============  =================
-mlp diag/all                 1.00        see report    see report
-==========================  ==========  ============  =================
+- MLP, gradient epoch 0.16 s, ``model.predict`` 0.30 s.
+  Fit / diag fit of the same kind: kron/all ggn 6.7x (curvature pass alone 2.1x; 1.0-1.2x
+  in a direct alternating run of 9 repeats), kron/all ef 4.3x (pass 1.1x): the rest is
+  the eigendecompositions of ``Kron.fit`` (69% of the ggn kron fit at N = 2048; they do
+  not grow with N). Full/last_layer fit: 14x the epoch (ggn), 13x (ef); before: 36x.
+  Predict / ``model.predict``: diag/all 1.1x, kron/all 1.3x (before: 3.3x),
+  diag/last_layer 0.35x, full/last_layer 26x (Cholesky of the precision at every call:
+  42-57% of it; before: 18.5x at a lighter load).
+- CNN, gradient epoch 3.2 s, ``model.predict`` 1.0 s. Fit: diag/last_layer 0.33x the
+  epoch, kron/last_layer 2.1x the diag fit (pass 1.3x), full/last_layer 17x the epoch.
+  Predict: diag 0.48x, kron 0.36x, full 85x ``model.predict`` (an 8,010 x 8,010 Cholesky
+  and triangular solve per call).
 
-A lower bound the full fit cannot beat: a Dense last layer's exact GGN needs the
-``J (J + 1) / 2`` weighted Grams ``a^T diag(c_jm) a`` of its ``I + 1`` inputs, about
-``N (I + 1)^2 J (J + 1) / 2`` multiply-adds, against about three times the forward's
-for a gradient epoch: 4.5x an epoch's for the MLP's last layer (``I = 256``), 17x for
-this CNN's (``I = 800``), before any overhead.
+Lower bounds: a Dense last layer's exact GGN needs the ``J (J + 1) / 2`` weighted Grams
+``a^T diag(c_jm) a`` of its ``I + 1`` inputs, ``N (I + 1)^2 J (J + 1) / 2`` multiply-adds
+(what the reducer does), against about three forwards for a gradient epoch: 4.5x an
+epoch's for the MLP's last layer (``I = 256``), 17x for this CNN's (``I = 800``). A full
+GLM predictive needs the ``C (C + 1) / 2`` quadratic forms ``a_n^T Sigma_cd a_n`` per
+example, 13x (MLP) and 50x (CNN) a forward's multiply-adds, even with ``Sigma`` cached.
+So the 1.2x full-fit target cannot be met on either model, nor the 3x full-predict one
+on the CNN, by an exact full GGN.
 
 Run: ``python benchmarks/structures.py [--repeats 5] [--kinds ggn ef]``.
 """
