@@ -16,21 +16,21 @@ warm-up that traces; the figures are medians over the repeats:
 Issue targets: kron fit <= 1.5x the diagonal fit of the same kind; last-layer full fit
 <= 1.2x a gradient epoch; GLM predict of every structure <= 3x ``model.predict``.
 
-Measured (2 CPU cores shared with other jobs, load average 6-12, TF 2.21; MLP ``--repeats
-5 --kinds ggn ef``, CNN ``--repeats 1``): medians, as ratios within one run.
+Measured on 2 CPU cores shared with other jobs (TF 2.21), medians as ratios within one
+run; "before" is the code ahead of this benchmark's changes, under the same conditions:
 
-- MLP, gradient epoch 0.16 s, ``model.predict`` 0.30 s.
-  Fit / diag fit of the same kind: kron/all ggn 6.7x (curvature pass alone 2.1x; 1.0-1.2x
-  in a direct alternating run of 9 repeats), kron/all ef 4.3x (pass 1.1x): the rest is
-  the eigendecompositions of ``Kron.fit`` (69% of the ggn kron fit at N = 2048; they do
-  not grow with N). Full/last_layer fit: 14x the epoch (ggn), 13x (ef); before: 36x.
-  Predict / ``model.predict``: diag/all 1.1x, kron/all 1.3x (before: 3.3x),
-  diag/last_layer 0.35x, full/last_layer 26x (Cholesky of the precision at every call:
-  42-57% of it; before: 18.5x at a lighter load).
-- CNN, gradient epoch 3.2 s, ``model.predict`` 1.0 s. Fit: diag/last_layer 0.33x the
-  epoch, kron/last_layer 2.1x the diag fit (pass 1.3x), full/last_layer 17x the epoch.
-  Predict: diag 0.48x, kron 0.36x, full 85x ``model.predict`` (an 8,010 x 8,010 Cholesky
-  and triangular solve per call).
+- MLP (``--repeats 7``, load average 2.5), gradient epoch 0.14 s, ``model.predict`` 0.13 s.
+  Kron/all fit 1.9x the diagonal fit (before 3.5x): its curvature pass 1.03x, the rest
+  the eigendecompositions of ``Kron.fit`` (46% of the kron fit at N = 2048; they do not
+  grow with N). Full/last_layer fit 8.0x the epoch (before 36x). Predict /
+  ``model.predict``: diag/all 1.2x, kron/all 1.9x (before 3.3x), diag/last_layer 0.26x,
+  full/last_layer 14x (before 18.5x; the Cholesky of the precision, recomputed at every
+  call, is 42-57% of it). With ``--kinds ef`` under a load of 6-12: kron pass 1.1x,
+  kron fit 4.3x the diagonal ef fit, full/last_layer ef fit 13x the epoch.
+- CNN (``--repeats 1``, load average 6-12), gradient epoch 3.2 s, ``model.predict`` 1.0 s.
+  Fit: diag/last_layer 0.33x the epoch, kron/last_layer 2.1x the diagonal fit (pass
+  1.3x), full/last_layer 17x the epoch. Predict: diag 0.48x, kron 0.36x, full 85x
+  ``model.predict`` (an 8,010 x 8,010 Cholesky and triangular solve per call).
 
 Lower bounds: a Dense last layer's exact GGN needs the ``J (J + 1) / 2`` weighted Grams
 ``a^T diag(c_jm) a`` of its ``I + 1`` inputs, ``N (I + 1)^2 J (J + 1) / 2`` multiply-adds
