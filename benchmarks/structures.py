@@ -27,9 +27,10 @@ run; "before" is the code ahead of this benchmark's changes, under the same cond
   full/last_layer 14x (before 18.5x; the Cholesky of the precision, recomputed at every
   call, is 42-57% of it). With ``--kinds ef`` under a load of 6-12: kron pass 1.1x,
   kron fit 4.3x the diagonal ef fit, full/last_layer ef fit 13x the epoch.
-- CNN (``--repeats 1``, load average 6-12), gradient epoch 3.2 s, ``model.predict`` 1.0 s.
-  Fit: diag/last_layer 0.33x the epoch, kron/last_layer 2.1x the diagonal fit (pass
-  1.3x), full/last_layer 17x the epoch. Predict: diag 0.48x, kron 0.36x, full 85x
+- CNN (``--repeats 1``, load average 3.7), gradient epoch 1.27 s, ``model.predict``
+  0.25 s. Fit: diag/last_layer 0.22x the epoch; kron/last_layer 3.3x the diagonal fit
+  (0.72x the epoch): its pass 1.25x, the eigendecomposition of the 801 x 801 ``A`` 62%
+  of it; full/last_layer 12x the epoch. Predict: diag 0.31x, kron 0.49x, full 145x
   ``model.predict`` (an 8,010 x 8,010 Cholesky and triangular solve per call).
 
 Lower bounds: a Dense last layer's exact GGN needs the ``J (J + 1) / 2`` weighted Grams
