@@ -224,6 +224,17 @@ def test_subset_gram_is_the_submatrix():
     assert_close(last, np.asarray(everything)[np.ix_(where, where)])
 
 
+def test_full_gram_of_weights_out_of_layer_order():
+    """A bias before its kernel, or apart from it, is its own item: same Gram as the
+    dense GGN in that order."""
+    model = mlp()
+    x, y = data(model, "classification")
+    hidden, head = model.get_layer("hidden"), model.get_layer("head")
+    params = [head.bias, hidden.kernel, head.kernel, hidden.bias]
+    got = reducers.fit_full(model, (x, y), likelihood="classification", params=params)
+    assert_close(got.curvature, dense_ggn(model, x, "classification", params))
+
+
 def test_hessian_kind_needs_a_piecewise_linear_model():
     model = mlp()
     with pytest.raises(ValueError, match="piecewise-linear"):
@@ -275,6 +286,37 @@ def test_kron_output_covariance_with_diagonal_blocks():
     _, jac = jacobian(model, x, model.trainable_variables)
     w = np.concatenate([w.ravel() for w in weights])
     assert_close(cov, np.einsum("ncp,p,ndp->ncd", jac, w, jac))
+
+
+def test_kron_output_covariance_with_a_bias_sharing_its_kernels_basis():
+    """A Dense bias whose basis is its kernel's ``Q_B`` (as when its block is ``B``) is
+    folded into the kernel's projection: same covariance as the dense matrices."""
+    model = mlp()
+    x, _ = data(model, "classification")
+    rng = np.random.default_rng(6)
+    covariances, dense = [], []
+    variables = model.trainable_variables
+    for position, v in enumerate(variables):
+        shape = tuple(v.shape)
+        if len(shape) > 1:
+            inputs, outputs = shape
+            q_a, q_b = random_orthogonal(rng, inputs), random_orthogonal(rng, outputs)
+            w = rng.uniform(0.1, 1.0, size=shape)
+            covariances.append(glm.KroneckerEigen(q_a, q_b, w))
+            basis = np.kron(q_a, q_b)
+            dense.append(basis @ np.diag(w.ravel()) @ basis.T)
+        elif position > 0 and isinstance(covariances[-1], glm.KroneckerEigen):
+            q, w = covariances[-1].outputs_basis.copy(), rng.uniform(0.1, 1.0, size=shape)
+            covariances.append(glm.DenseEigen(q, w))
+            dense.append(q @ np.diag(w) @ q.T)
+        else:
+            w = rng.uniform(0.1, 1.0, size=shape)
+            covariances.append(glm.DiagonalWeights(w))
+            dense.append(np.diag(w))
+    assert glm._shared_bases(covariances) == {0: 1, 4: 5}
+    _, cov = glm.kron_glm_moments(model, x, covariances, batch_size=4)
+    _, jac = jacobian(model, x, variables)
+    assert_close(cov, np.einsum("ncp,pq,ndq->ncd", jac, block_diagonal(dense), jac))
 
 
 def test_full_output_covariance_matches_dense_covariance():

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf.curvature.layers import Explicit, Outer, Patches
-from laplace_tf.curvature.reducers import _flat, _jacobian
+from laplace_tf.curvature.reducers import _flat, _is_bias, _jacobian
 from laplace_tf.curvature.structured import (
     _cached,
     _cut_cotangents,
@@ -67,15 +68,18 @@ def kron_glm_moments(
 
     For a Kronecker block the gradients ``a_n (x) delta_nk`` are projected on the
     eigenbases, ``(Q_A^T a_n) (x) (Q_B^T delta_nk)``, and weighted by ``w``:
-    ``sum_ij (Q_A^T a_n)_i^2 (Q_B^T delta_nk)_j (Q_B^T delta_nl)_j w_ij``.
+    ``sum_ij (Q_A^T a_n)_i^2 (Q_B^T delta_nk)_j (Q_B^T delta_nl)_j w_ij``. A Dense bias
+    (gradients ``delta_nk``) whose block has the eigenbasis ``Q_B`` of its kernel's ``B``
+    (its block is ``B``) adds its weights to the kernel's: ``Q_B^T delta_nk`` is formed once.
     """
     variables = _model_variables(model, params)
     kinds = tuple(type(c).__name__ for c in covariances)
+    shared = _shared_bases(covariances)
     step = _cached(
         model,
-        ("kron_covariance", kinds),
+        ("kron_covariance", kinds, tuple(sorted(shared.items()))),
         variables,
-        lambda: _kron_covariance_step(model, variables),
+        lambda: _kron_covariance_step(model, variables, shared),
     )
     tensors = [_covariance_tensors(c) for c in covariances]
     chunks = predict_chunks(model, variables, x, batch_size)
@@ -117,24 +121,51 @@ def _identity_columns(raw: tf.Tensor) -> tf.Tensor:
     return tf.broadcast_to(tf.eye(c, dtype=raw.dtype), [n, c, c])
 
 
-def _projected(factor, tensors):
-    """``(factor, weights)`` whose weighted Gram is this block's output covariance."""
+def _block_covariance(factor, tensors) -> tf.Tensor:
+    """``[N, K, K]``: ``J_n Sigma_b J_n^T`` of one factor and its block's covariance
+    ``tensors`` (see :func:`_covariance_tensors`), in the factor's dtype. Dense kernels and
+    explicit gradients are reduced with one elementwise product and one batched matmul."""
     dtype = _factor_dtype(factor)
     tensors = [tf.cast(t, dtype) for t in tensors]
     if len(tensors) == 3:
         q_a, q_b, weights = tensors
         if isinstance(factor, Outer):
-            projected = Outer(factor.variable, factor.inputs @ q_a, factor.cotangents @ q_b)
-        elif isinstance(factor, Patches):
+            return _outer_gram(factor.inputs @ q_a, factor.cotangents @ q_b, weights)
+        if isinstance(factor, Patches):
             projected = Patches(factor.variable, factor.patches @ q_a, factor.cotangents @ q_b)
-        else:
-            raise TypeError(f"a Kronecker block for a {type(factor).__name__} factor.")
-        return projected, [weights]
+            return projected.weighted_gram([weights])
+        raise TypeError(f"a Kronecker block for a {type(factor).__name__} factor.")
     if len(tensors) == 2:
         basis, weights = tensors
-        projected = Explicit(factor.variable, _flat(factor.grads) @ basis)
-        return projected, [weights]
-    return factor, tensors
+        return _explicit_gram(_flat(factor.grads) @ basis, weights)
+    (weights,) = tensors
+    if isinstance(factor, Outer):
+        shape = [factor.inputs.shape[-1], factor.cotangents.shape[-1]]
+        return _outer_gram(factor.inputs, factor.cotangents, tf.reshape(weights, shape))
+    if isinstance(factor, Explicit):
+        return _explicit_gram(_flat(factor.grads), tf.reshape(weights, [-1]))
+    return factor.weighted_gram([weights])
+
+
+def _kernel_and_bias(factor: Outer, kernel: list, bias: list) -> tf.Tensor:
+    """A Dense kernel's and bias' covariance, the bias' basis being the kernel's ``Q_B``."""
+    dtype = factor.inputs.dtype
+    q_a, q_b, weights = (tf.cast(t, dtype) for t in kernel)
+    bias_weights = tf.cast(bias[1], dtype)
+    projected = factor.cotangents @ q_b
+    scale = tf.matmul(tf.square(factor.inputs @ q_a), weights) + bias_weights
+    return tf.matmul(projected * scale[:, None, :], projected, transpose_b=True)
+
+
+def _outer_gram(inputs: tf.Tensor, cotangents: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """``sum_ij a_ni^2 w_ij d_nki d_nlj`` for ``a [N, I]``, ``d [N, K, J]``, ``w [I, J]``."""
+    scale = tf.matmul(tf.square(inputs), weights)  # [N, J]
+    return tf.matmul(cotangents * scale[:, None, :], cotangents, transpose_b=True)
+
+
+def _explicit_gram(grads: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """``sum_p w_p g_nkp g_nlp`` for ``g [N, K, P]``, ``w [P]``."""
+    return tf.matmul(grads * weights, grads, transpose_b=True)
 
 
 def _factor_dtype(factor) -> tf.DType:
@@ -144,7 +175,20 @@ def _factor_dtype(factor) -> tf.DType:
     return factor.variables[0].dtype
 
 
-def _kron_covariance_step(model, variables):
+def _shared_bases(covariances: Sequence[Covariance]) -> dict[int, int]:
+    """``{kernel: bias}`` positions of a Kronecker block followed by a dense block with the
+    same basis as its ``Q_B`` (a bias block equal to the kernel's ``B``)."""
+    shared = {}
+    for position in range(1, len(covariances)):
+        kernel, bias = covariances[position - 1], covariances[position]
+        if isinstance(kernel, KroneckerEigen) and isinstance(bias, DenseEigen):
+            q_b, basis = np.asarray(kernel.outputs_basis), np.asarray(bias.basis)
+            if q_b.shape == basis.shape and np.array_equal(q_b, basis):
+                shared[position - 1] = position
+    return shared
+
+
+def _kron_covariance_step(model, variables, shared):
     index = {id(v): i for i, v in enumerate(variables)}
 
     @tf.function(reduce_retracing=True, autograph=False)
@@ -156,12 +200,24 @@ def _kron_covariance_step(model, variables):
         shape = [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]]
         covariance = tf.zeros(shape, outputs.dtype)
         for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, columns), strict=True):
-            for factor in site.factors(cotangent):
+            factors, folded = site.factors(cotangent), None
+            for place, factor in enumerate(factors):
+                position = index[id(factor.variables[0])]
+                if position == folded and _is_bias(site, factor):
+                    continue  # added to its kernel's block
+                if isinstance(factor, Outer) and shared.get(position) is not None:
+                    bias = shared[position]
+                    if any(index[id(f.variables[0])] == bias for f in factors[place + 1 :]):
+                        folded = bias
+                        block = _kernel_and_bias(factor, tensors[position], tensors[bias])
+                        covariance += tf.cast(block, outputs.dtype)
+                        continue
                 if len(factor.variables) == 1:
-                    factor, weights = _projected(factor, tensors[index[id(factor.variable)]])
+                    block = _block_covariance(factor, tensors[index[id(factor.variable)]])
                 else:
                     weights = [tensors[index[id(v)]][0] for v in factor.variables]
-                covariance += tf.cast(factor.weighted_gram(weights), outputs.dtype)
+                    block = factor.weighted_gram(weights)
+                covariance += tf.cast(block, outputs.dtype)
         return outputs, covariance
 
     return step

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
@@ -33,7 +34,6 @@ from laplace_tf._validation import check_output_activation
 from laplace_tf.curvature.layers import Explicit, Outer, Patches, PerExample, Rows
 from laplace_tf.curvature.structured import (
     KINDS,
-    _add_in_float64,
     _cached,
     _checked_batches,
     _column_chunk,
@@ -132,8 +132,9 @@ def dense_gradients(factor: Any) -> list[tf.Tensor]:
 
 
 def _flat(grads: tf.Tensor) -> tf.Tensor:
-    shape = tf.shape(grads)
-    return tf.reshape(grads, [shape[0], shape[1], -1])
+    """``[N, K, *shape]`` -> ``[N, K, P]`` (``P`` static when the shape is)."""
+    shape, width = tf.shape(grads), grads.shape[2:].num_elements()
+    return tf.reshape(grads, [shape[0], shape[1], -1 if width is None else width])
 
 
 def _is_bias(site, factor) -> bool:
@@ -178,13 +179,13 @@ def fit_kron(
         block = layout[id(v)]
         if block == "kron":
             inputs, outputs = sums[position], sums[position + 1]
-            blocks.append(KroneckerBlock(inputs / max(count, 1), outputs))
+            blocks.append(KroneckerBlock(tf.constant(inputs / max(count, 1)), tf.constant(outputs)))
             position += 2
         elif block == "dense":
-            blocks.append(DenseBlock(sums[position]))
+            blocks.append(DenseBlock(tf.constant(sums[position])))
             position += 1
         else:
-            blocks.append(DiagonalBlock(sums[position]))
+            blocks.append(DiagonalBlock(tf.constant(sums[position])))
             position += 1
     return StructuredFit(blocks, nll, count, width)
 
@@ -203,10 +204,15 @@ def fit_full(
 ) -> StructuredFit:
     """The ``P x P`` curvature ``sum_n sum_k g_nk g_nk^T`` (float64) of the selected weights,
     flattened row-major and concatenated in order (``kind="hessian"`` on a model that is
-    not piecewise linear: the exact Hessian, from Hessian-vector products). Per batch,
-    columns of ``S`` are taken in chunks so that at most :data:`FULL_GRADIENT_ENTRIES`
-    gradient entries exist at once. Arguments as :func:`laplace_tf.curvature.diagonal`."""
-    step, _ = _structured_step(
+    not piecewise linear: the exact Hessian, from Hessian-vector products).
+
+    A Dense kernel (with its bias as a constant input) is never expanded into per-example
+    gradients: its block is ``sum_n (a_n a_n^T) (x) (delta_n^T delta_n)``, reduced per batch
+    into the ``J (J + 1) / 2`` weighted Grams ``a^T diag(c_jm) a`` and assembled once at the
+    end. Other weights' per-example gradients are formed for chunks of columns of ``S``
+    of at most :data:`FULL_GRADIENT_ENTRIES` entries. Arguments as
+    :func:`laplace_tf.curvature.diagonal`."""
+    step, layout = _structured_step(
         model, likelihood, kind, params, mc_samples, "full", batch_size=batch_size
     )
     black_box = kind == "hessian" and not is_piecewise_linear(model)  # no layer rules
@@ -214,12 +220,15 @@ def fit_full(
     sums, nll, count, width = _accumulate(
         model, likelihood, data, batch_size, seed, step, progress, variables
     )
-    return StructuredFit(sums[0], nll, count, width)
+    if black_box:
+        return StructuredFit(tf.constant(sums[0]), nll, count, width)
+    return StructuredFit(tf.constant(_assemble(layout, sums)), nll, count, width)
 
 
 def _accumulate(model, likelihood, data, batch_size, seed, step, progress, variables):
-    """Sums of ``step`` over the batches; ``variables``, if given, are those whose layers
-    are named in a :class:`FallbackWarning` when they take the fallback."""
+    """Sums of ``step`` over the batches, in float64 (in place, on the host: a large Gram
+    is not copied per batch); ``variables``, if given, are those whose layers are named in
+    a :class:`FallbackWarning` when they take the fallback."""
     likelihood = get_likelihood(likelihood)
     seed = resolve_seed(seed)
     total, nll, count, shape = None, 0.0, 0, None
@@ -227,7 +236,11 @@ def _accumulate(model, likelihood, data, batch_size, seed, step, progress, varia
         if index == 0 and variables is not None:
             _warn_fallbacks(model, variables, x)
         parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
-        total = _add_in_float64(total, parts)
+        if total is None:
+            total = [np.array(p, np.float64) for p in parts]
+        else:
+            for t, p in zip(total, parts, strict=True):
+                np.add(t, p.numpy(), out=t)
         nll += tf.cast(batch_nll, tf.float64)
         count += int(shape[0])
         if progress is not None:
@@ -283,22 +296,21 @@ def _kron_step(model, likelihood, variables, kind, mc_samples, _batch_size):
         for start in range(0, count, chunk):
             part = columns[:, :, start : start + chunk]
             for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, part), strict=True):
+                kernel_outputs = None  # B of this site's kernel: also its bias block
                 for factor in site.factors(cotangent):
                     key = id(factor.variables[0])
-                    if isinstance(factor, Outer):
-                        a, delta = factor.inputs, factor.cotangents
-                        inputs[key] = tf.matmul(a, a, transpose_a=True)
-                        add(sums, key, [tf.einsum("nki,nkj->ij", delta, delta)])
-                        layout[key] = "kron"
-                    elif isinstance(factor, Patches):
-                        p = factor.patches
-                        inputs[key] = tf.einsum("nlq,nlr->qr", p, p)
-                        summed = tf.reduce_sum(factor.cotangents, axis=2)
-                        add(sums, key, [tf.einsum("nki,nkj->ij", summed, summed)])
+                    if isinstance(factor, Outer | Patches):
+                        if start == 0:  # A does not depend on the columns
+                            inputs[key] = _inputs_gram(factor)
+                        kernel_outputs = _outputs_gram(factor)
+                        add(sums, key, [kernel_outputs])
                         layout[key] = "kron"
                     elif _is_bias(site, factor):
-                        flat = _flat(factor.grads)
-                        add(sums, key, [tf.einsum("nki,nkj->ij", flat, flat)])
+                        width = factor.variable.shape.num_elements()
+                        if kernel_outputs is None or width != kernel_outputs.shape[-1]:
+                            add(sums, key, [_gram(_flat(factor.grads))])
+                        else:  # Dense / Conv: the bias gradients are the summed cotangents
+                            add(sums, key, [kernel_outputs])
                         layout[key] = "dense"
                     else:
                         for v, square in zip(factor.variables, factor.sum_squares(), strict=True):
@@ -314,8 +326,46 @@ def _kron_step(model, likelihood, variables, kind, mc_samples, _batch_size):
     return _replicated(model, step), layout
 
 
+def _gram(rows: tf.Tensor) -> tf.Tensor:
+    """``sum_r x_r x_r^T`` over every leading index of ``rows [..., D]``: one matmul."""
+    flat = tf.reshape(rows, [-1, rows.shape[-1]])
+    return tf.matmul(flat, flat, transpose_a=True)
+
+
+def _inputs_gram(factor: Outer | Patches) -> tf.Tensor:
+    """``sum_n a_n a_n^T`` (conv: also summed over the locations' patches)."""
+    return _gram(factor.inputs if isinstance(factor, Outer) else factor.patches)
+
+
+def _outputs_gram(factor: Outer | Patches) -> tf.Tensor:
+    """``sum_n sum_k delta_nk delta_nk^T`` (conv: of the cotangents summed over locations,
+    which are the bias gradients)."""
+    if isinstance(factor, Outer):
+        return _gram(factor.cotangents)
+    return _gram(tf.reduce_sum(factor.cotangents, axis=2))
+
+
+# -- the full Gram ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    """Consecutive selected weights, ``size`` entries from ``offset`` in the flattened
+    vector, whose gradients are ``a_n (x) delta_nk`` (``inputs`` > 0: a Dense kernel, its
+    bias as an extra constant input) or formed densely (``inputs`` = 0)."""
+
+    offset: int
+    size: int
+    inputs: int = 0
+    outputs: int = 0
+
+
 def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
+    """One batch of the full Gram as parts that :func:`_assemble` places: ``("pairs",
+    p, p)`` the ``[J (J + 1) / 2, I, I]`` weighted Grams of a Dense item, ``("cross", p,
+    q)`` the ``[J M, I, L]`` ones between two, ``("block", p, q)`` a ``[P_p, P_q]`` block."""
     size = sum(v.shape.num_elements() for v in variables)
+    layout: dict[str, list] = {"items": [], "parts": []}
 
     @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y, seed):
@@ -326,27 +376,144 @@ def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
         count = columns.shape[-1]
         bound = FULL_GRADIENT_ENTRIES // max(batch_size * size, 1)
         chunk = max(1, min(_column_chunk(sites, count), bound))
-        blocks: dict[tuple[int, int], tf.Tensor] = {}
+        sums: dict[tuple, tf.Tensor] = {}
         for start in range(0, count, chunk):
             part = columns[:, :, start : start + chunk]
-            pieces = _GradientPieces(tape, raw, sites, part, variables)
-            for i in range(len(variables)):
-                for j in range(i, len(variables)):
-                    block = tf.cast(pieces.gram(i, j, batch_size), tf.float64)
-                    blocks[i, j] = block if (i, j) not in blocks else blocks[i, j] + block
-        rows = [
-            tf.concat(
-                [
-                    blocks[i, j] if i <= j else tf.transpose(blocks[j, i])
-                    for j in range(len(variables))
-                ],
-                axis=1,
-            )
-            for i in range(len(variables))
-        ]
-        return [tf.concat(rows, axis=0)], likelihood.nll(outputs, y), tf.shape(outputs)
+            pieces = _pieces(tape, raw, sites, part, variables)
+            for p in range(len(pieces)):
+                for q in range(p, len(pieces)):
+                    key, value = _pair_sum(pieces[p], pieces[q], p, q)
+                    sums[key] = value if key not in sums else sums[key] + value
+        parts, entries = [], []
+        for (name, p, q), value in sums.items():
+            if name == "cotangents":  # sum_k delta_nk e_nk^T of two Dense items
+                (a, _, _), (b, _, _) = pieces[p], pieces[q]
+                name = "pairs" if p == q else "cross"
+                value = _weighted_grams(a, b, value, p == q, batch_size)
+            parts.append(value)
+            entries.append((name, p, q))
+        layout["items"], layout["parts"] = [piece[2] for piece in pieces], entries
+        return parts, likelihood.nll(outputs, y), tf.shape(outputs)
 
-    return _replicated(model, step), {}
+    return _replicated(model, step), layout
+
+
+def _pieces(tape, raw, sites, columns, variables) -> list[tuple]:
+    """``(a, delta, item)`` for Dense kernels (their bias merged as a column of ones in
+    ``a``), ``(None, grads [N, K, P_v], item)`` for the other weights, in order."""
+    by_variable = {}
+    cotangents = _cut_cotangents(tape, raw, sites, columns)
+    for site, cotangent in zip(sites, cotangents, strict=True):
+        kernel = None
+        for factor in site.factors(cotangent):
+            if isinstance(factor, Outer):
+                kernel = factor
+                by_variable[id(factor.variable)] = (factor.inputs, factor.cotangents)
+            elif kernel is not None and _is_bias(site, factor):  # Dense: grads = delta
+                ones = tf.ones_like(kernel.inputs[:, :1])
+                by_variable[id(factor.variable)] = (ones, kernel.cotangents)
+            else:
+                for v, g in zip(factor.variables, dense_gradients(factor), strict=True):
+                    by_variable[id(v)] = (None, _flat(g))
+    pieces, offset = [], 0
+    for v in variables:
+        a, grads = by_variable[id(v)]
+        width = v.shape.num_elements()
+        last = pieces[-1] if pieces else None
+        if a is not None and last is not None and last[1] is grads:  # a bias after its kernel
+            merged = tf.concat([last[0], a], axis=1)
+            item = _Item(last[2].offset, last[2].size + width, merged.shape[-1], grads.shape[-1])
+            pieces[-1] = (merged, grads, item)
+        elif a is not None:
+            pieces.append((a, grads, _Item(offset, width, a.shape[-1], grads.shape[-1])))
+        else:
+            pieces.append((None, grads, _Item(offset, width)))
+        offset += width
+    return pieces
+
+
+def _pair_sum(left: tuple, right: tuple, p: int, q: int) -> tuple[tuple, tf.Tensor]:
+    """The part of one column chunk for items ``p <= q``: ``sum_k delta_nk e_nk^T``
+    ``[N, J, M]`` between Dense items (their Grams are formed once per batch), the
+    ``[P_p, P_q]`` block otherwise, without ``[N, K, I, J]`` gradients."""
+    (a, delta, _), (b, e, _) = left, right
+    if a is not None and b is not None:
+        return ("cotangents", p, q), tf.matmul(delta, e, transpose_a=True)
+    if a is None and b is None:
+        return ("block", p, q), _cross_gram(delta, e)
+    if a is not None:
+        return ("block", p, q), _outer_dense(a, delta, e)
+    return ("block", p, q), tf.transpose(_outer_dense(b, e, delta))
+
+
+def _cross_gram(left: tf.Tensor, right: tf.Tensor) -> tf.Tensor:
+    """``sum_n sum_k g_nk h_nk^T`` for ``[N, K, P]`` and ``[N, K, Q]``."""
+    return tf.matmul(
+        tf.reshape(left, [-1, left.shape[-1]]),
+        tf.reshape(right, [-1, right.shape[-1]]),
+        transpose_a=True,
+    )
+
+
+def _outer_dense(a: tf.Tensor, delta: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+    """``sum_n sum_k (a_n (x) delta_nk) g_nk^T = sum_n a_n (x) (delta_n^T g_n)``, ``[I J, P]``."""
+    n, inputs, outputs = tf.shape(a)[0], a.shape[-1], delta.shape[-1]
+    cross = tf.matmul(delta, grads, transpose_a=True)  # [N, J, P]
+    block = tf.matmul(a, tf.reshape(cross, [n, outputs * grads.shape[-1]]), transpose_a=True)
+    return tf.reshape(block, [inputs * outputs, grads.shape[-1]])
+
+
+def _weighted_grams(a, b, cross, symmetric: bool, batch_size: int) -> tf.Tensor:
+    """``[Q, I, L]``: ``sum_n c_njm a_n b_n^T`` for the pairs ``(j, m)`` of ``cross
+    [N, J, M]`` (``j <= m`` only when ``symmetric``), in batched matmuls whose weighted
+    copies of ``a`` hold at most :data:`FULL_GRADIENT_ENTRIES` entries."""
+    n, outputs = tf.shape(a)[0], cross.shape[-1]
+    weights = tf.reshape(cross, [n, cross.shape[1] * outputs])
+    if symmetric:
+        rows, cols = np.triu_indices(outputs)
+        weights = tf.gather(weights, rows * outputs + cols, axis=1)
+    pairs = weights.shape[-1]
+    per_slice = max(1, FULL_GRADIENT_ENTRIES // max(batch_size * a.shape[-1], 1))
+    grams = []
+    for start in range(0, pairs, per_slice):
+        scaled = tf.transpose(weights[:, start : start + per_slice])[:, :, None] * a[None]
+        grams.append(tf.matmul(scaled, b[None], transpose_a=True))
+    return tf.concat(grams, axis=0)
+
+
+def _assemble(layout: dict[str, list], sums: list[np.ndarray]) -> np.ndarray:
+    """The symmetric ``P x P`` float64 Gram from the parts of :func:`_full_step`:
+    ``G[(i, j), (l, m)] = W_jm[i, l]`` for the weighted Grams of Dense items."""
+    items = layout["items"]
+    size = sum(item.size for item in items)
+    result = np.empty((size, size))
+    for (name, p, q), value in zip(layout["parts"], sums, strict=True):
+        left, right = items[p], items[q]
+        rows = slice(left.offset, left.offset + left.size)
+        cols = slice(right.offset, right.offset + right.size)
+        if name == "block":
+            block = value
+        else:
+            shape = (left.inputs, left.outputs, right.inputs, right.outputs)
+            j, m = shape[1], shape[3]
+            whole = len(items) == 1
+            block4 = result.reshape(shape) if whole else np.empty(shape)
+            if name == "pairs":
+                index = np.empty((j, j), int)
+                upper = np.triu_indices(j)
+                index[upper] = index[upper[::-1]] = np.arange(len(upper[0]))
+            else:
+                index = np.arange(j * m).reshape(j, m)
+            for r in range(j):
+                for c in range(m):
+                    block4[:, r, :, c] = value[index[r, c]]
+            if whole:
+                continue
+            block = block4.reshape(left.size, right.size)
+        result[rows, cols] = block
+        if p != q:
+            result[cols, rows] = block.T
+    return result
 
 
 def _hessian_step(model, likelihood, variables, _kind, _mc_samples, _batch_size):
@@ -368,55 +535,6 @@ def _hessian_step(model, likelihood, variables, _kind, _mc_samples, _batch_size)
         return [tf.cast(hessian, tf.float64)], nll, tf.shape(outputs)
 
     return _replicated(model, step), {}
-
-
-class _GradientPieces:
-    """The per-example gradients of one chunk of columns, per selected variable: Dense
-    kernels as their factors ``(a, delta)``, the others as ``[N, K, P_v]`` tensors."""
-
-    def __init__(self, tape, raw, sites, columns, variables):
-        self.outer: dict[int, tuple[tf.Tensor, tf.Tensor]] = {}
-        self.dense: dict[int, tf.Tensor] = {}
-        cotangents = _cut_cotangents(tape, raw, sites, columns)
-        for site, cotangent in zip(sites, cotangents, strict=True):
-            for factor in site.factors(cotangent):
-                if isinstance(factor, Outer):
-                    self.outer[id(factor.variable)] = (factor.inputs, factor.cotangents)
-                    continue
-                for v, g in zip(factor.variables, dense_gradients(factor), strict=True):
-                    self.dense[id(v)] = _flat(g)
-        self.keys = [id(v) for v in variables]
-
-    def flat(self, index: int) -> tf.Tensor:
-        key = self.keys[index]
-        if key not in self.dense:
-            inputs, cotangents = self.outer[key]
-            self.dense[key] = _flat(tf.einsum("ni,nkj->nkij", inputs, cotangents))
-        return self.dense[key]
-
-    def gram(self, i: int, j: int, batch_size: int) -> tf.Tensor:
-        """``sum_n sum_k g_nk^(i) g_nk^(j)^T``. Between two Dense kernels it is
-        ``sum_n (a_n b_n^T) (x) (delta_n^T e_n)``: the columns are summed before the
-        ``P_i x P_j`` product (K times fewer operations), over slices of the outputs of
-        ``i`` whose ``[N, I, J_s, M]`` intermediates fit in :data:`FULL_GRADIENT_ENTRIES`."""
-        left, right = self.outer.get(self.keys[i]), self.outer.get(self.keys[j])
-        if left is not None and right is not None:
-            (a, delta), (b, e) = left, right
-            inputs, outputs = a.shape[-1], delta.shape[-1]
-            width = FULL_GRADIENT_ENTRIES // max(batch_size * inputs * e.shape[-1], 1)
-            if width >= 1:
-                cross = tf.einsum("nkj,nkm->njm", delta, e)
-                slices = [
-                    tf.einsum("nijm,nl->ijlm", tf.einsum("ni,njm->nijm", a, part), b)
-                    for part in tf.split(cross, _slices(outputs, width), axis=1)
-                ]
-                return tf.reshape(tf.concat(slices, axis=1), [inputs * outputs, -1])
-        return tf.einsum("nki,nkj->ij", self.flat(i), self.flat(j))
-
-
-def _slices(size: int, width: int) -> list[int]:
-    """``size`` split into consecutive pieces of at most ``width``."""
-    return [min(width, size - start) for start in range(0, size, width)]
 
 
 def _jacobian(tape, raw, sites, columns, variables) -> tf.Tensor:
