@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from laplace_tf import DiagonalLaplace, Laplace, serialization
+from laplace_tf import DiagonalLaplace, Laplace
 from laplace_tf.posterior import serialization as posterior_serialization
 
 DATA = Path(__file__).parent / "data"

@@ -216,6 +216,27 @@ def test_full_is_exact_on_bayesian_linear_regression():
     assert_close(posterior.log_prob(point), multivariate_normal.logpdf(point, theta, covariance))
 
 
+def test_full_factor_follows_every_change_of_prior_noise_and_temperature():
+    """The Cholesky factor reused by predict / variances / draws is refreshed whenever the
+    prior precision, the noise or the temperature changes, and back again."""
+    sigma, delta = 0.5, 2.0
+    model, x, y, design, _ = blr_problem(sigma, delta)
+    la = Laplace(
+        model, "regression", structure="full", prior_precision=delta, sigma_noise=sigma
+    ).fit((x, y))
+    x_test = np.random.default_rng(9).normal(size=(5, 3))
+    test_design = np.hstack([x_test, np.ones((5, 1))])
+    for prior, noise, temperature in [(2.0, 0.5, 1.0), (7.0, 0.5, 1.0), (7.0, 0.9, 1.0),
+                                      (7.0, 0.9, 0.3), (2.0, 0.5, 1.0)]:  # fmt: skip
+        la.prior_precision, la.sigma_noise, la.temperature = prior, noise, temperature
+        precision = design.T @ design / (noise**2 * temperature) + prior * np.eye(4)
+        covariance = np.linalg.inv(precision)
+        assert_close(flat(la.posterior_variance), np.diag(covariance))
+        _, variance = la.predict(x_test, include_noise=False)
+        expected = np.einsum("np,pq,nq->n", test_design, covariance, test_design)
+        assert_close(variance[:, 0], expected)
+
+
 # -- kron ------------------------------------------------------------------------------------
 
 

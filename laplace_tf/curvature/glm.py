@@ -182,6 +182,9 @@ def _shared_bases(covariances: Sequence[Covariance]) -> dict[int, int]:
     for position in range(1, len(covariances)):
         kernel, bias = covariances[position - 1], covariances[position]
         if isinstance(kernel, KroneckerEigen) and isinstance(bias, DenseEigen):
+            if kernel.outputs_basis is bias.basis:  # the Kron structure reuses it
+                shared[position - 1] = position
+                continue
             q_b, basis = np.asarray(kernel.outputs_basis), np.asarray(bias.basis)
             if q_b.shape == basis.shape and np.array_equal(q_b, basis):
                 shared[position - 1] = position

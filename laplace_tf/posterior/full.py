@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import keras
@@ -49,6 +49,8 @@ class Full:
     dtypes: tuple[tf.DType, ...]
     per_weight_prior: ClassVar[bool] = True
     name: ClassVar[str] = "full"
+    #: The last ``L`` of :meth:`cached_cholesky`, keyed by the prior and scaling values.
+    _last: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def fit(
@@ -100,13 +102,34 @@ class Full:
         """``L`` with ``L L^T`` the posterior precision."""
         return tf.linalg.cholesky(self.precision(prior, scaling))
 
+    def cached_cholesky(self, prior: list[tf.Tensor], scaling: Scaling) -> tf.Tensor:
+        """:meth:`cholesky`, reused while the prior precision and the scaling keep their
+        values: predicting, sampling and the marginal variances at one configuration
+        factor the ``P x P`` precision once, not per call.
+
+        Only for paths nobody differentiates (the cached ``L`` is a constant to a tape):
+        :meth:`log_det`, which marginal-likelihood tuning differentiates, factors anew.
+        """
+        if not tf.executing_eagerly():
+            return self.cholesky(prior, scaling)
+        key = (
+            tuple(np.asarray(p, np.float64).tobytes() for p in prior),
+            None if scaling.sigma is None else float(scaling.sigma),
+            scaling.power,
+            float(scaling.temperature),
+        )
+        if self._last.get("key") != key:
+            self._last.clear()
+            self._last.update(key=key, value=self.cholesky(prior, scaling))
+        return self._last["value"]
+
     def log_det(self, prior: list[tf.Tensor], scaling: Scaling) -> tf.Tensor:
         diagonal = tf.linalg.diag_part(self.cholesky(prior, scaling))
         return 2.0 * tf.reduce_sum(tf.math.log(diagonal))
 
     def variance(self, prior: list[tf.Tensor], scaling: Scaling) -> list[tf.Tensor]:
         """``diag(Sigma)``: column sums of the squared ``L^{-1}``."""
-        cholesky = self.cholesky(prior, scaling)
+        cholesky = self.cached_cholesky(prior, scaling)
         eye = tf.eye(tf.shape(cholesky)[0], dtype=cholesky.dtype)
         inverse = tf.linalg.triangular_solve(cholesky, eye, lower=True)
         return self._split(tf.reduce_sum(tf.square(inverse), axis=0), [])
@@ -115,7 +138,7 @@ class Full:
         self, seeds: Sequence[tf.Tensor], shape: list[int], prior: list[tf.Tensor], scaling: Scaling
     ) -> list[tf.Tensor]:
         """``L^{-T} z`` with ``z ~ N(0, I)``; one stateless seed (the first) for all weights."""
-        cholesky = self.cholesky(prior, scaling)
+        cholesky = self.cached_cholesky(prior, scaling)
         size = cholesky.shape[0]
         noise = tf.random.stateless_normal(
             [size, int(np.prod(shape))], seed=seeds[0], dtype=tf.float64
@@ -140,7 +163,7 @@ class Full:
         scaling: Scaling,
         batch_size: int,
     ) -> tuple[tf.Tensor, tf.Tensor]:
-        cholesky = self.cholesky(prior, scaling)
+        cholesky = self.cached_cholesky(prior, scaling)
         return glm.full_glm_moments(model, x, cholesky, params=variables, batch_size=batch_size)
 
     def distribution(

@@ -195,6 +195,25 @@ def _factor(block: reducers.Block, variable: Any) -> Factor:
     return DiagonalFactor(tf.cast(block.diagonal, tf.float64), shape)
 
 
+def _bias_of(previous: Any, block: Any, factor: Any, variable: Any) -> bool:
+    """Whether ``block`` (a dense block) holds exactly the ``B`` of the Kronecker block
+    before it, decomposed in the same dtype: the bias of that kernel."""
+    if not (
+        isinstance(previous, reducers.KroneckerBlock)
+        and isinstance(block, reducers.DenseBlock)
+        and isinstance(factor, KronFactor)
+        and tuple(block.matrix.shape) == tuple(previous.outputs.shape)
+    ):
+        return False
+    if factor.outputs_basis.shape[0] != int(np.prod(variable.shape)):
+        return False
+    if block.matrix is not previous.outputs and not np.array_equal(
+        np.asarray(block.matrix), np.asarray(previous.outputs)
+    ):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Kron:
     """Eigendecomposed Kronecker-factored curvature, one factor per selected weight."""
@@ -228,9 +247,18 @@ class Kron:
             progress=progress,
             seed=seed,
         )
-        factors = tuple(
-            _factor(block, v) for block, v in zip(fitted.curvature, variables, strict=True)
-        )
+        factors: list[Factor] = []
+        for block, v in zip(fitted.curvature, variables, strict=True):
+            previous = fitted.curvature[len(factors) - 1] if factors else None
+            if _bias_of(previous, block, factors[-1] if factors else None, v):
+                # a bias block is its kernel's B: reuse the kernel's eigenbasis
+                kernel = factors[-1]
+                factors.append(
+                    DenseFactor(kernel.outputs_values, kernel.outputs_basis, tuple(v.shape))
+                )
+            else:
+                factors.append(_factor(block, v))
+        factors = tuple(factors)
         summary = FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs)
         return cls(factors, tuple(v.dtype for v in variables)), summary
 
