@@ -37,6 +37,7 @@ from laplace_tf.curvature.layers import (
     activate,
     bias_grads,
     columns_gram,
+    fold_gradients,
     plain,
 )
 from laplace_tf.curvature.registry import Rule, register_builtin
@@ -159,11 +160,14 @@ class GroupedPatches:
     def sum_squares(self) -> list[tf.Tensor]:
         patches, cotangents = self._operands()
 
-        def add_column(total, column):
-            return total + tf.reduce_sum(tf.square(tf.matmul(patches, column)), axis=0)
+        def add(total, k, start, stop):
+            grads = tf.matmul(patches[start:stop], cotangents[k, start:stop])
+            return total + tf.reduce_sum(tf.square(grads), axis=0)
 
-        total = tf.foldl(add_column, cotangents, tf.zeros(self._shape(), self.patches.dtype))
-        return [self._as_variable(total)]
+        count, columns = tf.shape(patches)[0], tf.shape(cotangents)[0]
+        initial = tf.zeros(self._shape(), self.patches.dtype)
+        size = self.variable.shape.num_elements()
+        return [self._as_variable(fold_gradients(add, count, columns, size, initial))]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
         patches, cotangents = self._operands()
@@ -215,11 +219,16 @@ class TransposedPatches:
         return tf.reshape(tf.cast(weight, self.inputs.dtype), self._shape())
 
     def sum_squares(self) -> list[tf.Tensor]:
-        def add_column(total, k):
-            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+        def add(total, k, start, stop):
+            patches = unfold(self.cotangents[start:stop, k], self.window)
+            patches = tf.reshape(patches, [tf.shape(patches)[0], tf.shape(patches)[1], -1])
+            grads = tf.matmul(patches, self.inputs[start:stop], transpose_a=True)
+            return total + tf.reduce_sum(tf.square(grads), axis=0)
 
+        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
         initial = tf.zeros(self._shape(), self.inputs.dtype)
-        total = tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)
+        size = self.variable.shape.num_elements()
+        total = fold_gradients(add, count, columns, size, initial)
         return [tf.reshape(total, self.variable.shape)]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
