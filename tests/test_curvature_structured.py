@@ -795,7 +795,8 @@ def test_columns_processed_in_chunks_give_the_same_diagonal(monkeypatch):
 def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch):
     """A budget forced to its minimum (one example per per-example-gradient chunk, one
     column of S per backward pass) gives the unchunked fit's diagonal, and both the dense
-    Jacobians' (every factor kind that forms per-example gradients is on this model)."""
+    Jacobians' (every factor kind that forms per-example gradients is on this model, and a
+    convolution over a 1 x 1 feature map, reduced as an outer product)."""
     rng = np.random.default_rng(12)
     x, y = rng.normal(size=(N, 6, 6, 2)), rng.integers(0, 3, size=N)
 
@@ -808,6 +809,8 @@ def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch):
         h = L.Reshape((16, 3))(h)
         h = L.EinsumDense("nti,ij->ntj", (16, 4), bias_axes="j", activation="tanh")(h)
         h = L.Dense(2, activation="tanh")(h)  # a rank-3 Dense: Patches over positions
+        h = L.Reshape((1, 1, 32))(h)
+        h = L.Conv2D(5, 3, padding="same", activation="tanh")(h)  # Patches at one location
         model = keras.Model(inp, L.Dense(3)(L.Flatten()(h)))
         model(x)
         return model

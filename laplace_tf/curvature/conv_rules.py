@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -106,7 +107,14 @@ def unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
             )
         )
     patches = tf.stack(slices, axis=-2)  # [N, *out, P, C]
-    return tf.reshape(patches, [tf.shape(x)[0], -1, len(slices), x.shape[-1]])
+    locations = _static_product(patches.shape[1:-2])
+    return tf.reshape(patches, [tf.shape(x)[0], locations, len(slices), x.shape[-1]])
+
+
+def _static_product(sizes) -> int:
+    """The product of ``sizes`` where all are known, else ``-1`` (inferred by reshape)."""
+    sizes = list(sizes)
+    return -1 if any(s is None for s in sizes) else int(np.prod(sizes, dtype=np.int64))
 
 
 def _fold(values: tf.Tensor, like: tf.Tensor, window: Window) -> tf.Tensor:
@@ -264,7 +272,8 @@ def _channels_last(layer) -> bool:
 def _locations(tensor: tf.Tensor, leading: int) -> tf.Tensor:
     """``[*leading axes, *spatial, C] -> [*leading, L, C]``."""
     shape = tf.shape(tensor)
-    return tf.reshape(tensor, tf.concat([shape[:leading], [-1, tensor.shape[-1]]], 0))
+    locations = _static_product(tensor.shape[leading:-1])
+    return tf.reshape(tensor, tf.concat([shape[:leading], [locations, tensor.shape[-1]]], 0))
 
 
 def _bias_factor(layer, delta) -> list:

@@ -127,6 +127,11 @@ class Patches(_OneVariable):
         return tf.matmul(self.patches, tf.gather(self.cotangents, k, axis=1), transpose_a=True)
 
     def sum_squares(self) -> list[tf.Tensor]:
+        if self.patches.shape[1] == 1:  # one location (e.g. 1 x 1 feature maps): an outer
+            squares = tf.reduce_sum(tf.square(self.cotangents[:, :, 0]), axis=1)  # product
+            diagonal = tf.matmul(tf.square(self.patches[:, 0]), squares, transpose_a=True)
+            return [tf.reshape(diagonal, self.variable.shape)]
+
         def add(total, k, start, stop):
             grads = tf.matmul(
                 self.patches[start:stop], self.cotangents[start:stop, k], transpose_a=True
