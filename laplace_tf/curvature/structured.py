@@ -378,23 +378,25 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
 
         def squares(part):
-            totals = {id(v): tf.zeros(v.shape, v.dtype) for v in variables}
+            totals = {}  # no zeros to add to: each weight's first square is its total
             for factor in _site_factors(tape, raw, sites, part):
                 for v, square in zip(factor.variables, factor.sum_squares(), strict=True):
-                    totals[id(v)] += tf.cast(square, v.dtype)
-            return [totals[id(v)] for v in variables]
+                    square = tf.cast(square, v.dtype)
+                    totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
+            return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
 
         chunk = _column_chunk(sites, columns.shape[-1])
-        initial = [tf.zeros(v.shape, v.dtype) for v in variables]
-        totals = fold_column_chunks(squares, columns, chunk, initial)
+        zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
+        totals = fold_column_chunks(squares, columns, chunk, zeros)
         return totals, likelihood.nll(outputs, y), tf.shape(outputs)
 
     return step
 
 
-def fold_column_chunks(reduce, columns: tf.Tensor, chunk: int, initial: list) -> list[tf.Tensor]:
-    """``initial + sum_j reduce(columns[:, :, chunk j])`` over chunks of ``chunk`` columns of
-    ``columns [N, C, K]`` (zero-padded to a multiple of ``chunk``; zero columns add zero).
+def fold_column_chunks(reduce, columns: tf.Tensor, chunk: int, zeros: list) -> list[tf.Tensor]:
+    """``sum_j reduce(columns[:, :, chunk j])`` over chunks of ``chunk`` columns of
+    ``columns [N, C, K]`` (zero-padded to a multiple of ``chunk``; zero columns add zero);
+    ``zeros`` are zeros shaped like ``reduce``'s results (the loop's first value).
 
     One chunk is back-propagated and reduced at a time, in a ``tf.while_loop`` run one
     iteration after another, so that only one chunk's cut cotangents exist at once and
@@ -402,7 +404,7 @@ def fold_column_chunks(reduce, columns: tf.Tensor, chunk: int, initial: list) ->
     """
     count = columns.shape[-1]
     if count <= chunk:
-        return [t + s for t, s in zip(initial, reduce(columns), strict=True)]
+        return reduce(columns)
     chunks = -(-count // chunk)
     padded = tf.pad(columns, [[0, 0], [0, 0], [0, chunks * chunk - count]])
     shape = tf.shape(padded)
@@ -414,7 +416,7 @@ def fold_column_chunks(reduce, columns: tf.Tensor, chunk: int, initial: list) ->
         return index + 1, [t + s for t, s in zip(totals, reduce(part), strict=True)]
 
     _, totals = tf.while_loop(
-        lambda index, _: index < chunks, body, (tf.constant(0), initial), parallel_iterations=1
+        lambda index, _: index < chunks, body, (tf.constant(0), zeros), parallel_iterations=1
     )
     return totals
 
