@@ -792,7 +792,8 @@ def test_columns_processed_in_chunks_give_the_same_diagonal(monkeypatch):
     assert_close(flat(diagonal(model, (x, y), likelihood="classification")), expected)
 
 
-def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch, unroll):
     """A budget forced to its minimum (one example per per-example-gradient chunk, one
     column of S per backward pass) gives the unchunked fit's diagonal, and both the dense
     Jacobians' (every factor kind that forms per-example gradients is on this model, and a
@@ -820,6 +821,7 @@ def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch):
     monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
     monkeypatch.setattr(structured, "COLUMN_ENTRIES_PER_EXAMPLE", 1)
     monkeypatch.setattr(layers, "GRADIENT_ENTRIES", 1)
+    monkeypatch.setattr(structured, "UNROLL_COLUMN_CHUNKS", unroll)
     chunked = flat(diagonal(cnn(), (x, y), likelihood="classification", batch_size=N))
     np.testing.assert_allclose(chunked, unchunked, rtol=1e-10, atol=1e-12 * abs(unchunked).max())
     assert_close(chunked, expected)
