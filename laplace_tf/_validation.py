@@ -8,6 +8,7 @@ fails is it searched, on the host, for the offending index.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -174,7 +175,7 @@ def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> int:
     """The model's output width, read from its first few examples, after refusing
     outputs that are already probabilities where the likelihood expects logits."""
     head = tf.nest.map_structure(lambda t: t[:_PROBE_EXAMPLES], x)
-    outputs = model(head, training=False)
+    outputs = _probe_forward(model)(head)
     if isinstance(outputs, list | tuple | dict):
         shapes = [tuple(o.shape) for o in tf.nest.flatten(outputs)]
         raise ValueError(f"the model must have one output of shape [N, C]; it has {shapes}.")
@@ -191,6 +192,19 @@ def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> int:
         if bool(sums_to_one & in_range):
             raise ValueError(_LOGITS_MESSAGE.format(what="its outputs are probabilities"))
     return width
+
+
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe_forward(model: keras.Model):
+    """The model's inference forward, compiled once per model: an eager call of a deep
+    model (hundreds of layers) costs many times its compiled forward, on every fit."""
+    if model not in _PROBES:
+        _PROBES[model] = tf.function(
+            lambda head: model(head, training=False), reduce_retracing=True, autograph=False
+        )
+    return _PROBES[model]
 
 
 def check_output_activation(model: keras.Model, likelihood: Likelihood) -> None:

@@ -24,6 +24,7 @@ from laplace_tf.curvature import (
     KINDS,
     diagonal,
     is_piecewise_linear,
+    layers,
     output_covariance,
     registry,
     structured,
@@ -789,3 +790,38 @@ def test_columns_processed_in_chunks_give_the_same_diagonal(monkeypatch):
         _, sites = tracing.trace(model, tf.constant(x), model.trainable_variables)
     assert structured._column_chunk(sites, 3) == 1
     assert_close(flat(diagonal(model, (x, y), likelihood="classification")), expected)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch, unroll):
+    """A budget forced to its minimum (one example per per-example-gradient chunk, one
+    column of S per backward pass) gives the unchunked fit's diagonal, and both the dense
+    Jacobians' (every factor kind that forms per-example gradients is on this model, and a
+    convolution over a 1 x 1 feature map, reduced as an outer product)."""
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(N, 6, 6, 2)), rng.integers(0, 3, size=N)
+
+    def cnn():
+        keras.utils.set_random_seed(4)
+        inp = keras.Input((6, 6, 2))
+        h = L.Conv2D(4, 3, padding="same", activation="tanh")(inp)  # Patches
+        h = L.DepthwiseConv2D(3, strides=2, activation="tanh")(h)  # GroupedPatches
+        h = L.Conv2DTranspose(3, 2, strides=2, activation="tanh")(h)  # TransposedPatches
+        h = L.Reshape((16, 3))(h)
+        h = L.EinsumDense("nti,ij->ntj", (16, 4), bias_axes="j", activation="tanh")(h)
+        h = L.Dense(2, activation="tanh")(h)  # a rank-3 Dense: Patches over positions
+        h = L.Reshape((1, 1, 32))(h)
+        h = L.Conv2D(5, 3, padding="same", activation="tanh")(h)  # Patches at one location
+        model = keras.Model(inp, L.Dense(3)(L.Flatten()(h)))
+        model(x)
+        return model
+
+    expected = dense_ggn_diagonal(cnn(), x, "classification")
+    unchunked = flat(diagonal(cnn(), (x, y), likelihood="classification"))
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(structured, "COLUMN_ENTRIES_PER_EXAMPLE", 1)
+    monkeypatch.setattr(layers, "GRADIENT_ENTRIES", 1)
+    monkeypatch.setattr(structured, "UNROLL_COLUMN_CHUNKS", unroll)
+    chunked = flat(diagonal(cnn(), (x, y), likelihood="classification", batch_size=N))
+    np.testing.assert_allclose(chunked, unchunked, rtol=1e-10, atol=1e-12 * abs(unchunked).max())
+    assert_close(chunked, expected)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -37,6 +38,7 @@ from laplace_tf.curvature.layers import (
     activate,
     bias_grads,
     columns_gram,
+    fold_gradients,
     plain,
 )
 from laplace_tf.curvature.registry import Rule, register_builtin
@@ -105,7 +107,14 @@ def unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
             )
         )
     patches = tf.stack(slices, axis=-2)  # [N, *out, P, C]
-    return tf.reshape(patches, [tf.shape(x)[0], -1, len(slices), x.shape[-1]])
+    locations = _static_product(patches.shape[1:-2])
+    return tf.reshape(patches, [tf.shape(x)[0], locations, len(slices), x.shape[-1]])
+
+
+def _static_product(sizes) -> int:
+    """The product of ``sizes`` where all are known, else ``-1`` (inferred by reshape)."""
+    sizes = list(sizes)
+    return -1 if any(s is None for s in sizes) else int(np.prod(sizes, dtype=np.int64))
 
 
 def _fold(values: tf.Tensor, like: tf.Tensor, window: Window) -> tf.Tensor:
@@ -159,11 +168,14 @@ class GroupedPatches:
     def sum_squares(self) -> list[tf.Tensor]:
         patches, cotangents = self._operands()
 
-        def add_column(total, column):
-            return total + tf.reduce_sum(tf.square(tf.matmul(patches, column)), axis=0)
+        def add(total, k, start, stop):
+            grads = tf.matmul(patches[start:stop], cotangents[k, start:stop])
+            return total + tf.reduce_sum(tf.square(grads), axis=0)
 
-        total = tf.foldl(add_column, cotangents, tf.zeros(self._shape(), self.patches.dtype))
-        return [self._as_variable(total)]
+        count, columns = tf.shape(patches)[0], tf.shape(cotangents)[0]
+        initial = tf.zeros(self._shape(), self.patches.dtype)
+        size = self.variable.shape.num_elements()
+        return [self._as_variable(fold_gradients(add, count, columns, size, initial))]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
         patches, cotangents = self._operands()
@@ -215,11 +227,16 @@ class TransposedPatches:
         return tf.reshape(tf.cast(weight, self.inputs.dtype), self._shape())
 
     def sum_squares(self) -> list[tf.Tensor]:
-        def add_column(total, k):
-            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+        def add(total, k, start, stop):
+            patches = unfold(self.cotangents[start:stop, k], self.window)
+            patches = tf.reshape(patches, [tf.shape(patches)[0], tf.shape(patches)[1], -1])
+            grads = tf.matmul(patches, self.inputs[start:stop], transpose_a=True)
+            return total + tf.reduce_sum(tf.square(grads), axis=0)
 
+        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
         initial = tf.zeros(self._shape(), self.inputs.dtype)
-        total = tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)
+        size = self.variable.shape.num_elements()
+        total = fold_gradients(add, count, columns, size, initial)
         return [tf.reshape(total, self.variable.shape)]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
@@ -255,7 +272,8 @@ def _channels_last(layer) -> bool:
 def _locations(tensor: tf.Tensor, leading: int) -> tf.Tensor:
     """``[*leading axes, *spatial, C] -> [*leading, L, C]``."""
     shape = tf.shape(tensor)
-    return tf.reshape(tensor, tf.concat([shape[:leading], [-1, tensor.shape[-1]]], 0))
+    locations = _static_product(tensor.shape[leading:-1])
+    return tf.reshape(tensor, tf.concat([shape[:leading], [locations, tensor.shape[-1]]], 0))
 
 
 def _bias_factor(layer, delta) -> list:

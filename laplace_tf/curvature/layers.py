@@ -44,6 +44,25 @@ from laplace_tf.curvature.registry import rule_for as rule_for
 
 #: Upper bound on entries of per-example gradients materialised at once by the fallback.
 FALLBACK_CHUNK_ENTRIES = 2**24
+#: Upper bound on the entries of per-example gradients that a factor's ``sum_squares``
+#: forms at once (one column of ``S`` for a chunk of examples; 2**24 entries: 64 MiB in
+#: float32). A batch whose ``N`` per-example gradients of one weight would exceed it is
+#: reduced in chunks of examples, so the fit's memory does not grow with ``N x weight``.
+GRADIENT_ENTRIES = 2**24
+
+
+def fold_gradients(add, count, columns, per_example: int, initial):
+    """Fold ``add(total, k, start, stop)`` over the columns ``k`` of ``S`` and chunks of
+    examples ``[start, stop)`` sized so that ``(stop - start) * per_example`` stays within
+    :data:`GRADIENT_ENTRIES` (``per_example``: the gradient entries of one example)."""
+    chunk = max(1, GRADIENT_ENTRIES // max(1, per_example))
+    chunks = (count + chunk - 1) // chunk
+
+    def body(total, index):
+        start = (index % chunks) * chunk
+        return add(total, index // chunks, start, tf.minimum(start + chunk, count))
+
+    return tf.foldl(body, tf.range(columns * chunks), initial, parallel_iterations=1)
 
 
 class _OneVariable:
@@ -108,11 +127,22 @@ class Patches(_OneVariable):
         return tf.matmul(self.patches, tf.gather(self.cotangents, k, axis=1), transpose_a=True)
 
     def sum_squares(self) -> list[tf.Tensor]:
-        def add_column(total, k):
-            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+        if self.patches.shape[1] == 1:  # one location (e.g. 1 x 1 feature maps): an outer
+            squares = tf.reduce_sum(tf.square(self.cotangents[:, :, 0]), axis=1)  # product
+            diagonal = tf.matmul(tf.square(self.patches[:, 0]), squares, transpose_a=True)
+            return [tf.reshape(diagonal, self.variable.shape)]
 
-        initial = tf.zeros([self.patches.shape[-1], self.cotangents.shape[-1]], self.patches.dtype)
-        total = tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)
+        def add(total, k, start, stop):
+            grads = tf.matmul(
+                self.patches[start:stop], self.cotangents[start:stop, k], transpose_a=True
+            )
+            return total + tf.reduce_sum(tf.square(grads), axis=0)
+
+        shape = [self.patches.shape[-1], self.cotangents.shape[-1]]
+        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
+        total = fold_gradients(
+            add, count, columns, shape[0] * shape[1], tf.zeros(shape, self.patches.dtype)
+        )
         return [tf.reshape(total, self.variable.shape)]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
@@ -183,11 +213,17 @@ class Contraction(_OneVariable):
         return tf.einsum(equation, self.inputs, tf.gather(self.cotangents, k, axis=1))
 
     def sum_squares(self) -> list[tf.Tensor]:
-        def add_column(total, k):
-            return total + tf.reduce_sum(tf.square(self._column(k)), axis=0)
+        in_spec, kernel_spec, out_spec = self.specs
+        equation = f"{in_spec},{out_spec}->{in_spec[0]}{kernel_spec}"
 
+        def add(total, k, start, stop):
+            grads = tf.einsum(equation, self.inputs[start:stop], self.cotangents[start:stop, k])
+            return total + tf.reduce_sum(tf.square(grads), axis=0)
+
+        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
         initial = tf.zeros(self.variable.shape, self.inputs.dtype)
-        return [tf.foldl(add_column, tf.range(tf.shape(self.cotangents)[1]), initial)]
+        size = self.variable.shape.num_elements()
+        return [fold_gradients(add, count, columns, size, initial)]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
         in_spec, kernel_spec, out_spec = self.specs

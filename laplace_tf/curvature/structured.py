@@ -1,4 +1,4 @@
-"""Diagonal GGN / Fisher / Hessian of a Keras model, and the GLM output covariance.
+"""Diagonal GGN / Fisher of a Keras model, and the GLM output covariance.
 
 One forward pass records each parameterised layer's cut point (:mod:`tracing`); one
 vectorised backward pass per column of ``S`` (``S_n S_n^T`` = Hessian of the loss in
@@ -6,12 +6,13 @@ the outputs, or sampled / true-label loss gradients) gives the cotangents at eve
 the layer rules (:mod:`layers`) turn those into ``sum_n sum_k g_{nk}^2`` without
 materialising per-sample gradients. The same cotangents with ``S = I`` and the
 posterior variances as weights give the GLM predictive covariance ``J diag(w) J^T``.
+
+Shared conventions live in :mod:`basics`, the black-box Hessian in :mod:`black_box`
+(both re-exported here); the compiled steps are cached here (:data:`_STEPS`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import warnings
 import weakref
@@ -23,23 +24,39 @@ import keras
 import tensorflow as tf
 
 from laplace_tf._checks import positive_int, resolve_seed
-from laplace_tf._data import DEFAULT_BATCH_SIZE, iterate_batches
-from laplace_tf._validation import BatchChecker, check_output_activation, checked_inputs
-from laplace_tf.curvature.distributed import replicated, strategy_of
-from laplace_tf.curvature.hessian import hessian_diagonal
+from laplace_tf._data import DEFAULT_BATCH_SIZE
+from laplace_tf._validation import check_output_activation, checked_inputs
+from laplace_tf.curvature.basics import (  # noqa: F401  (re-exported for the engines)
+    KINDS,
+    CurvatureFit,
+    _accumulation_dtype,
+    _add_in_float64,
+    _checked_batches,
+    _likelihood_key,
+    _loss_outputs,
+    _model_variables,
+    _replicated,
+    is_piecewise_linear,
+)
+from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
+    HESSIAN_WARN_PARAMS,
+    _batch_loss,
+    _black_box_hessian,
+)
 from laplace_tf.curvature.layers import Outer, Patches
-from laplace_tf.curvature.registry import is_piecewise_linear_layer
-from laplace_tf.curvature.tracing import graph_of, trace
-from laplace_tf.likelihoods import BUILT_IN, Likelihood, get_likelihood
+from laplace_tf.curvature.tracing import trace
+from laplace_tf.likelihoods import Likelihood, get_likelihood
 
-KINDS = ("ggn", "ggn_mc", "ef", "hessian")
-#: Above this many parameters, ``kind="hessian"`` on a non-piecewise-linear model warns.
-HESSIAN_WARN_PARAMS = 20_000
 #: Up to this many columns of S, backward passes are unrolled (faster on CPU than pfor).
 UNROLLED_COLUMNS = 16
 #: Bound on the cut cotangents kept per example while fitting (columns x cut sizes); above
 #: it the columns of S are processed in chunks, trading a little speed for memory.
 COLUMN_ENTRIES_PER_EXAMPLE = 2**15
+#: Column chunks of S beyond the first are folded in one ``tf.while_loop`` (False: the
+#: backward pass is traced once; measured on MobileNetV2's exact GGN, a first fit ~7x
+#: faster, warm fits ~1.7x slower) or unrolled one after another (True: for long fits,
+#: where warm speed matters more than the trace). Either way one chunk at a time.
+UNROLL_COLUMN_CHUNKS = False
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
 #: processed in chunks of examples, whatever the user's batch size.
@@ -112,16 +129,6 @@ def diagonal(
     ).diagonal
 
 
-@dataclass(frozen=True)
-class CurvatureFit:
-    """What one pass over the data yields: the diagonal, the summed NLL and the count."""
-
-    diagonal: list[tf.Tensor]
-    nll: float
-    n_data: int
-    n_outputs: int
-
-
 def fit_diagonal(
     model: keras.Model,
     data: Any,
@@ -146,7 +153,15 @@ def fit_diagonal(
     variables = _model_variables(model, params)
     check_output_activation(model, likelihood)
     if kind == "hessian" and not is_piecewise_linear(model):
-        return _black_box_hessian(model, data, likelihood, variables, batch_size, progress)
+        batch_loss = _cached(
+            model,
+            ("hessian_loss", _likelihood_key(likelihood)),
+            [],
+            lambda: _batch_loss(model, likelihood),
+        )
+        return _black_box_hessian(
+            model, data, likelihood, variables, batch_size, batch_loss, progress
+        )
     seed = resolve_seed(seed)
     kind = "ggn" if kind == "hessian" else kind
     step = _cached(
@@ -303,28 +318,6 @@ class FallbackWarning(UserWarning):
     """Some selected weights are differentiated by the slow generic per-example fallback."""
 
 
-def is_piecewise_linear(model: keras.Model) -> bool:
-    """Whether every parameter enters the outputs linearly (piecewise) on its own.
-
-    True for Functional / Sequential models built only from layers declared piecewise
-    linear in the rule registry (Dense, Conv, Embedding, BatchNorm in inference, pooling,
-    reshaping, ...; see :func:`~laplace_tf.curvature.registry.register_piecewise_linear`)
-    with activations among linear / relu / relu6 / leaky_relu and no layer called twice.
-    Then ``diag(Hessian) = diag(GGN)`` exactly (almost everywhere).
-    """
-    graph = graph_of(model)
-    if graph is None:
-        return False
-    for layer in graph.layers:
-        if graph_of(layer) is not None:
-            if not is_piecewise_linear(layer):
-                return False
-            continue
-        if not is_piecewise_linear_layer(layer) or len(layer._inbound_nodes) > 1:
-            return False
-    return True
-
-
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -335,65 +328,6 @@ def _cached(model, key: tuple, variables: list, build):
     if key not in steps:
         steps[key] = build()
     return steps[key]
-
-
-def _likelihood_key(likelihood: Likelihood) -> Any:
-    """Built-in likelihoods are equal when their reprs are; others only to themselves."""
-    return repr(likelihood) if type(likelihood) in BUILT_IN else likelihood
-
-
-def _model_variables(model: keras.Model, params: Sequence[Any] | None) -> list:
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
-    if not model.built:
-        raise ValueError("model is not built: call it on data (or build it) first.")
-    trainable = list(model.trainable_variables)
-    if params is None:
-        if not trainable:
-            raise ValueError("model has no trainable variables.")
-        return trainable
-    by_id = {id(v): v for v in trainable} | {id(v.value): v for v in trainable}
-    selected = []
-    for position, p in enumerate(params):
-        if id(p) not in by_id:
-            raise ValueError(f"params[{position}] is not a trainable variable of the model.")
-        selected.append(by_id[id(p)])
-    if not selected:
-        raise ValueError("params is empty.")
-    return selected
-
-
-def _accumulation_dtype(dtype: tf.DType) -> tf.DType:
-    """Half-precision cotangents (mixed precision) are reduced in float32."""
-    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
-
-
-def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
-    """Model outputs as used by the likelihood: rank 2 and at least float32."""
-    if outputs.shape.rank != 2:
-        raise ValueError(
-            f"the model output must have shape [N, C]; got rank {outputs.shape.rank} "
-            f"({outputs.shape})."
-        )
-    return tf.cast(outputs, _accumulation_dtype(outputs.dtype))
-
-
-def _add_in_float64(total: list | None, parts: list[tf.Tensor]) -> list[tf.Tensor]:
-    """``total + parts``, summed over batches in float64 (accurate over millions of
-    examples), one weight at a time so that the float64 temporaries stay one weight big."""
-    if total is None:
-        return [tf.cast(p, tf.float64) for p in parts]
-    for index, part in enumerate(parts):
-        total[index] = total[index] + tf.cast(part, tf.float64)
-    return total
-
-
-def _checked_batches(model, likelihood, data, batch_size):
-    """The ``(x, y)`` batches of ``data``, each checked (:class:`BatchChecker`) before use."""
-    checker = BatchChecker(model, likelihood)
-    for x, y in iterate_batches(data, batch_size=batch_size):
-        checker(x, y)
-        yield x, y
 
 
 def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]:
@@ -447,22 +381,58 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
             raw, sites = trace(model, x, variables)
             outputs = _loss_outputs(raw)
         columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
-        totals = {id(v): tf.zeros(v.shape, v.dtype) for v in variables}
-        count, chunk = columns.shape[-1], _column_chunk(sites, columns.shape[-1])
-        for start in range(0, count, chunk):
-            part = columns[:, :, start : start + chunk]
+
+        def squares(part):
+            totals = {}  # no zeros to add to: each weight's first square is its total
             for factor in _site_factors(tape, raw, sites, part):
                 for v, square in zip(factor.variables, factor.sum_squares(), strict=True):
-                    totals[id(v)] += tf.cast(square, v.dtype)
-        return [totals[id(v)] for v in variables], likelihood.nll(outputs, y), tf.shape(outputs)
+                    square = tf.cast(square, v.dtype)
+                    totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
+            return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
+
+        chunk = _column_chunk(sites, columns.shape[-1])
+        zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
+        totals = fold_column_chunks(squares, columns, chunk, zeros)
+        return totals, likelihood.nll(outputs, y), tf.shape(outputs)
 
     return step
 
 
-def _replicated(model, step):
-    """``step`` spread over the model's replicas when it was built under a strategy."""
-    strategy = strategy_of(model)
-    return step if strategy is None else replicated(strategy, step)
+def fold_column_chunks(reduce, columns: tf.Tensor, chunk: int, zeros: list) -> list[tf.Tensor]:
+    """``sum_j reduce(columns[:, :, chunk j])`` over chunks of ``chunk`` columns of
+    ``columns [N, C, K]`` (zero-padded to a multiple of ``chunk``; zero columns add zero);
+    ``zeros`` are zeros shaped like ``reduce``'s results (the loop's first value).
+
+    One chunk is back-propagated and reduced at a time, in a ``tf.while_loop`` run one
+    iteration after another, so that only one chunk's cut cotangents exist at once and
+    the backward pass is traced once, not once per chunk (or, with
+    :data:`UNROLL_COLUMN_CHUNKS`, unrolled with each chunk waiting for the previous).
+    """
+    count = columns.shape[-1]
+    if count <= chunk:
+        return reduce(columns)
+    if UNROLL_COLUMN_CHUNKS:
+        totals = None
+        for start in range(0, count, chunk):  # each chunk waits for the previous one's sums
+            with tf.control_dependencies([] if totals is None else totals):
+                part = tf.identity(columns[:, :, start : start + chunk])
+            sums = reduce(part)
+            totals = sums if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
+        return totals
+    chunks = -(-count // chunk)
+    padded = tf.pad(columns, [[0, 0], [0, 0], [0, chunks * chunk - count]])
+    shape = tf.shape(padded)
+    parts = tf.transpose(tf.reshape(padded, [shape[0], shape[1], chunks, chunk]), [2, 0, 1, 3])
+    parts = tf.ensure_shape(parts, [chunks, columns.shape[0], columns.shape[1], chunk])
+
+    def body(index, totals):
+        part = tf.ensure_shape(tf.gather(parts, index), parts.shape[1:])
+        return index + 1, [t + s for t, s in zip(totals, reduce(part), strict=True)]
+
+    _, totals = tf.while_loop(
+        lambda index, _: index < chunks, body, (tf.constant(0), zeros), parallel_iterations=1
+    )
+    return totals
 
 
 def _covariance_step(model, variables):
@@ -483,74 +453,3 @@ def _covariance_step(model, variables):
         return outputs, covariance
 
     return step
-
-
-def _batch_loss(model, likelihood):
-    """One batch's NLL; one function per model and likelihood, so that the compiled
-    Hessian-vector products of :func:`hessian_diagonal` are reused across fits."""
-
-    def batch_loss(batch):
-        x, y = batch
-        return likelihood.nll(_loss_outputs(model(x, training=False)), y)
-
-    return batch_loss
-
-
-def _black_box_hessian(model, data, likelihood, variables, batch_size, progress=None):
-    size = sum(v.shape.num_elements() for v in variables)
-    if size > HESSIAN_WARN_PARAMS:
-        warnings.warn(
-            f"kind='hessian' on a model that is not piecewise linear needs one Hessian-vector "
-            f"product per parameter ({size}) and batch; this can be very slow. Consider "
-            f"kind='ggn'.",
-            stacklevel=3,
-        )
-
-    batch_loss = _cached(
-        model,
-        ("hessian_loss", _likelihood_key(likelihood)),
-        [],
-        lambda: _batch_loss(model, likelihood),
-    )
-    totals = {"nll": 0.0, "count": 0, "width": 0}
-
-    def streamed():
-        """The batches, one at a time (never the whole dataset), tallying NLL and count."""
-        for x, y in _checked_batches(model, likelihood, data, batch_size):
-            outputs = _loss_outputs(model(x, training=False))
-            totals["nll"] += float(likelihood.nll(outputs, y))
-            totals["count"] += int(outputs.shape[0])
-            totals["width"] = int(outputs.shape[1])
-            if progress is not None:
-                progress(totals["count"])
-            yield x, y
-
-    try:
-        with _quiet_tensorflow_logger():  # pfor logs pages of graph dumps before it fails
-            diagonal = hessian_diagonal(batch_loss, variables, data=streamed())
-    except ValueError as error:
-        if "vectorizing the jacobian" not in str(error):
-            raise
-        loops = [
-            f"{layer.name!r} ({type(layer).__name__})"
-            for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, keras.layers.RNN | keras.layers.Bidirectional)
-        ]
-        where = ", ".join(loops) if loops else "a layer with a loop (e.g. a recurrent layer)"
-        raise ValueError(
-            f"kind='hessian' cannot differentiate this model twice: TensorFlow cannot "
-            f"vectorise the second derivative through {where}. Use kind='ggn' (exact "
-            f"Gauss-Newton), 'ggn_mc' or 'ef', which need first derivatives only."
-        ) from error
-    return CurvatureFit(diagonal, totals["nll"], totals["count"], totals["width"])
-
-
-@contextlib.contextmanager
-def _quiet_tensorflow_logger():
-    logger = logging.getLogger("tensorflow")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
