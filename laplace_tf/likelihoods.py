@@ -5,7 +5,9 @@ A :class:`Likelihood` object is what the curvature engine and the
 so a user's subclass goes everywhere a built-in one goes. For model outputs ``f`` of shape
 ``[N, C]`` it gives
 
-- ``nll(f, y)``: the summed negative log-likelihood ``sum_n l(f_n, y_n)`` (every use);
+- ``nll(f, y)``: the summed negative log-likelihood ``sum_n l(f_n, y_n)`` (every use), and
+  ``nll_rows(f, y)``: the ``[N]`` terms ``l(f_n, y_n)`` (weighted examples, masked
+  positions; the default evaluates ``nll`` row by row);
 - ``hessian_factor(f)``: ``S`` of shape ``[N, C, K]`` with ``S_n S_n^T = Lambda_n``, the
   Hessian of ``l`` with respect to ``f_n`` (``curvature="ggn"``);
 - ``loss_gradient(f, y)``: ``d l(f_n, y_n) / d f_n`` per example, shape ``[N, C]``
@@ -15,7 +17,13 @@ so a user's subclass goes everywhere a built-in one goes. For model outputs ``f`
   predictive rules ``glm_predictive``, ``nn_predictive`` and ``predictive_nll``;
 - the observation noise: ``noise_exponent`` ``q`` (``l = e(f, y) / sigma^q + c(sigma)``,
   0 without noise), ``noise_power(kind)``, ``unit_noise()`` and ``log_normaliser``;
-- the target checks: ``label_range(n_outputs)`` and ``target_shape_error(shape, count, width)``.
+- the target checks: ``label_range(n_outputs)``, ``invalid_targets(y, n_outputs)`` (which
+  rows hold an invalid target) with ``targets_description(n_outputs)``, and
+  ``target_shape_error(shape, count, width)``.
+
+The engine hands every method rows: outputs with positions (``[N, T, C]`` per-token,
+``[N, H, W, C]`` per-pixel) are folded to ``[N * T, C]`` and their targets alike, so a
+likelihood is written for ``[N, C]`` outputs only.
 
 Required of a subclass: ``nll`` and ``link``, and the methods its curvature kind reads
 (:data:`REQUIRED`); the other rules have defaults (no noise, real-valued targets of any
@@ -67,6 +75,11 @@ class Likelihood:
     def nll(self, f: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """Summed negative log-likelihood ``sum_n l(f_n, y_n)`` (a scalar in ``f``'s dtype)."""
         raise _missing(self, "nll")
+
+    def nll_rows(self, f: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``[N]``: the negative log-likelihood of each example, ``l(f_n, y_n)``. The default
+        evaluates :meth:`nll` on each row (vectorised); built-ins compute it directly."""
+        return tf.vectorized_map(lambda row: self.nll(row[0][None], row[1][None]), (f, y))
 
     def log_likelihood(self, f: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """Summed log-likelihood ``sum_n log p(y_n | f_n)``."""
@@ -154,6 +167,26 @@ class Likelihood:
         otherwise the expected shape in words. The default: any ``[count, ...]``."""
         return None if shape and shape[0] == count else f"[{count}, ...]"
 
+    def invalid_targets(self, y: tf.Tensor, n_outputs: int) -> tf.Tensor | None:
+        """Bool ``[N]``: which examples' targets are not valid values (``y`` already has a
+        shape :meth:`target_shape_error` accepts); ``None`` when every finite value is valid.
+        The default: from :meth:`label_range`, labels that are not integers in it."""
+        valid = self.label_range(n_outputs)
+        if valid is None:
+            return None
+        labels = tf.reshape(tf.cast(y, tf.float64), [tf.shape(y)[0], -1])
+        bad = (labels != tf.round(labels)) | (labels < valid[0]) | (labels >= valid[1])
+        return tf.reduce_any(bad, axis=-1)
+
+    def targets_description(self, n_outputs: int) -> str:
+        """What :meth:`invalid_targets` accepts, in words (for its error message)."""
+        valid = self.label_range(n_outputs)
+        if valid == (0, 2):
+            return "labels 0 or 1"
+        return (
+            "any finite values" if valid is None else f"integer labels in [{valid[0]}, {valid[1]})"
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -208,10 +241,11 @@ class Classification(_Categorical):
     name = "classification"
 
     def nll(self, f, y):
+        return tf.reduce_sum(self.nll_rows(f, y))
+
+    def nll_rows(self, f, y):
         labels = _as_labels(y)
-        return tf.reduce_sum(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=f)
-        )
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=f)
 
     def hessian_factor(self, f):
         p = tf.nn.softmax(f, axis=-1)
@@ -261,8 +295,11 @@ class Binary(_Categorical):
     name = "binary"
 
     def nll(self, f, y):
+        return tf.reduce_sum(self.nll_rows(f, y))
+
+    def nll_rows(self, f, y):
         labels = _as_binary(y, f)
-        return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=f))
+        return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=f), -1)
 
     def hessian_factor(self, f):
         p = tf.sigmoid(f)
@@ -317,11 +354,14 @@ class Regression(Likelihood):
         self.sigma_noise = positive_float("sigma_noise", sigma_noise)
 
     def nll(self, f, y):
+        return tf.reduce_sum(self.nll_rows(f, y))
+
+    def nll_rows(self, f, y):
         y = _as_regression_targets(y, f)
         sigma = tf.constant(self.sigma_noise, f.dtype)
-        count = tf.cast(tf.size(f), f.dtype)
-        squared = tf.reduce_sum(tf.square(y - f))
-        return squared / (2 * sigma**2) + count * tf.math.log(2 * math.pi * sigma**2) / 2
+        width = tf.cast(tf.shape(f)[-1], f.dtype)
+        squared = tf.reduce_sum(tf.square(y - f), axis=-1)
+        return squared / (2 * sigma**2) + width * tf.math.log(2 * math.pi * sigma**2) / 2
 
     def hessian_factor(self, f):
         width = tf.shape(f)[-1]
