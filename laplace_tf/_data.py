@@ -45,28 +45,35 @@ def _lists_as_tuples(structure: Any) -> Any:
 
 
 def iterate_batches(data: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[tuple]:
-    """Yield ``(x, y)`` batches of tensors from ``data``.
+    """Yield ``(x, y, sample_weight)`` batches of tensors from ``data``.
 
-    ``data`` is a ``tf.data.Dataset`` (or any iterable) of ``(x, y)`` batches, or a
-    tuple ``(x, y)`` of arrays that is batched here; ``x`` may be a dict or list of
-    arrays for multi-input models. Raises ``ValueError`` when no batch is produced.
+    ``data`` is a ``tf.data.Dataset`` (or any iterable) of ``(x, y)`` or
+    ``(x, y, sample_weight)`` batches, as Keras' ``fit`` takes them, or a tuple ``(x, y)``
+    or ``(x, y, sample_weight)`` of arrays that is batched here; ``x`` may be a dict or list
+    of arrays for multi-input models. ``sample_weight`` is ``None`` when a batch has none.
+    Raises ``ValueError`` when no batch is produced.
     """
-    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data, tf.data.Dataset):
+    if isinstance(data, tuple) and len(data) in (2, 3) and not isinstance(data, tf.data.Dataset):
         data = batched(data, batch_size)
     elif not isinstance(data, tf.data.Dataset) and not hasattr(data, "__iter__"):
         raise TypeError(
-            f"data must be a tf.data.Dataset, an iterable of (x, y) batches or an (x, y) tuple "
-            f"of arrays; got {type(data).__name__}."
+            f"data must be a tf.data.Dataset, an iterable of (x, y) or (x, y, sample_weight) "
+            f"batches or an (x, y) tuple of arrays; got {type(data).__name__}."
         )
     count = 0
     for batch in data:
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
+        if not isinstance(batch, tuple | list) or len(batch) not in (2, 3):
             raise ValueError(
-                f"each batch must be an (x, y) pair; batch {count} is a {type(batch).__name__}"
+                f"each batch must be an (x, y) pair or an (x, y, sample_weight) triple; batch "
+                f"{count} is a {type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
                 + "."
             )
         count += 1
-        yield tf.nest.map_structure(tf.convert_to_tensor, tuple(batch))
+        x, y, *weights = batch
+        weights = weights[0] if weights else None
+        yield tf.nest.map_structure(tf.convert_to_tensor, (x, y)) + (
+            None if weights is None else tf.convert_to_tensor(weights),
+        )
     if count == 0:
         raise ValueError("data is empty: it yielded no batches.")

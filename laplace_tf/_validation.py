@@ -26,51 +26,95 @@ _PROBE_EXAMPLES = 8
 
 
 class BatchChecker:
-    """Checks ``(x, y)`` batches against a likelihood and the model's output width
-    (read by :func:`probe_outputs` on the first batch).
+    """Checks ``(x, y, sample_weight)`` batches against a likelihood and the model's
+    output (read by :func:`probe_outputs` on the first batch).
 
     Raises ``ValueError`` naming the batch and the example index in the whole dataset
-    for: NaN / Inf in inputs or targets; labels that are not integers in ``[0, C)``
-    (classification) or not 0 / 1 (binary); targets whose shape does not match the
-    outputs; inputs whose leaves disagree on the number of examples.
+    for: NaN / Inf in inputs, targets or sample weights; negative sample weights; targets
+    the likelihood's ``invalid_targets`` refuses (labels that are not integers in
+    ``[0, C)``, not 0 / 1 ...); targets or weights whose shape does not match the outputs;
+    inputs whose leaves disagree on the number of examples. Outputs with positions
+    (``[N, T, C]``) take targets ``[N, T, ...]``, checked as ``N T`` rows.
     """
 
     def __init__(self, model: keras.Model, likelihood: Likelihood):
         self.model = model
         self.likelihood = likelihood
-        self.n_outputs: int | None = None
+        self.output_shape: tuple | None = None  # per example: (*positions, C)
         self.batch = 0
         self.offset = 0
 
-    def __call__(self, x: Any, y: tf.Tensor) -> None:
+    @property
+    def n_outputs(self) -> int | None:
+        return None if self.output_shape is None else self.output_shape[-1]
+
+    def __call__(self, x: Any, y: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
         leaves = tf.nest.flatten(x)
         if self.batch == 0:
             check_batched(self.model, leaves)
         count = _example_count(leaves, self.batch)
-        if self.n_outputs is None:
-            self.n_outputs = probe_outputs(self.model, self.likelihood, x)
-        self._check_shape(y, count)
+        if self.output_shape is None:
+            self.output_shape = probe_outputs(self.model, self.likelihood, x)
+        rows = self._check_shape(y, count)
         float_leaves = tuple(leaf for leaf in leaves if leaf.dtype.is_floating)
-        summary = _summary(float_leaves, y).numpy()
-        x_finite, y_finite, y_min, y_max, y_integral = summary
+        weights = () if sample_weight is None else (sample_weight,)
+        x_finite, y_finite, w_finite, w_min = _summary(float_leaves, y, weights).numpy()
         if not x_finite:
             self._fail_nonfinite("inputs", float_leaves)
         if not y_finite:
             self._fail_nonfinite("targets", (y,))
-        labels = self.likelihood.label_range(self.n_outputs)
-        if labels is not None and (not y_integral or y_min < labels[0] or y_max >= labels[1]):
-            self._fail_labels(y, labels)
+        if sample_weight is not None:
+            self._check_weights(sample_weight, y, count, w_finite, w_min)
+        invalid = self.likelihood.invalid_targets(rows, self.n_outputs)
+        if invalid is not None and bool(tf.reduce_any(invalid)):
+            self._fail_targets(rows, np.asarray(invalid), count)
         self.batch += 1
         self.offset += count
 
-    def _check_shape(self, y: tf.Tensor, count: int) -> None:
-        shape = tuple(y.shape)
-        width = self.n_outputs
-        expected = self.likelihood.target_shape_error(shape, count, width)
+    def _check_shape(self, y: tf.Tensor, count: int) -> tf.Tensor:
+        """``y`` as rows (one per example and position), after checking its shape."""
+        shape, width = tuple(y.shape), self.n_outputs
+        positions = len(self.output_shape) - 1
+        lead = shape[: 1 + positions]
+        mismatch = self.batch == 0 and tuple(lead[1:]) != tuple(self.output_shape[:-1])
+        if positions and (len(shape) < 1 + positions or lead[0] != count or mismatch):
+            expected = f"[{count}, {', '.join(str(p) for p in self.output_shape[:-1])}, ...]"
+        else:
+            rows = int(np.prod(lead)) if positions else count
+            row_shape = (rows, *shape[1 + positions :]) if positions else shape
+            expected = self.likelihood.target_shape_error(row_shape, rows, width)
+            if expected is not None and positions:
+                expected = f"{list(lead)} followed by a row of {expected} (one per position)"
         if expected is not None:
+            per = "position" if positions else "example"
             raise ValueError(
                 f"targets of batch {self.batch} have shape {list(shape)}, but the model gives "
-                f"{width} output(s) per example for {count} examples: expected {expected}."
+                f"{width} output(s) per {per} for {count} examples: expected {expected}."
+            )
+        if not positions:
+            return y
+        return tf.reshape(y, [-1, *shape[1 + positions :]])
+
+    def _check_weights(self, weights, y, count: int, finite: float, low: float) -> None:
+        shape = tuple(weights.shape)
+        positions = len(self.output_shape) - 1
+        allowed = {(count,), (count, 1), tuple(y.shape[: 1 + positions])}
+        if shape not in allowed:
+            raise ValueError(
+                f"sample weights of batch {self.batch} have shape {list(shape)}; expected "
+                f"[{count}] (one per example)"
+                + (f" or {list(y.shape[: 1 + positions])} (one per position)" if positions else "")
+                + "."
+            )
+        if not finite:
+            self._fail_nonfinite("sample weights", (weights,))
+        if low < 0:
+            values = np.asarray(weights).reshape(count, -1)
+            first = int(np.flatnonzero((values < 0).any(axis=1))[0])
+            raise ValueError(
+                f"sample weights must be non-negative (they count examples); batch "
+                f"{self.batch}, example {first} (index {self.offset + first} in the data) has "
+                f"weight {values[first].min()!r}."
             )
 
     def _fail_nonfinite(self, what: str, leaves: tuple) -> None:
@@ -85,16 +129,19 @@ class BatchChecker:
                 )
         raise AssertionError("unreachable: a non-finite value was reported but not found")
 
-    def _fail_labels(self, y: tf.Tensor, valid: tuple[int, int]) -> None:
-        low, upper = valid
-        expected = "0 or 1" if valid == (0, 2) else f"integers in [{low}, {upper})"
-        labels = np.asarray(y).reshape(-1)
-        bad = np.flatnonzero((labels != np.round(labels)) | (labels < low) | (labels >= upper))
+    def _fail_targets(self, rows: tf.Tensor, invalid: np.ndarray, count: int) -> None:
+        bad = np.flatnonzero(invalid)
         first = int(bad[0])
+        per_example = max(1, len(invalid) // max(count, 1))
+        example, position = divmod(first, per_example)
+        where = f", position {position}" if len(self.output_shape) > 1 else ""
+        value = np.asarray(rows)[first]
+        name = self.likelihood.name or type(self.likelihood).__name__
         raise ValueError(
-            f"labels must be {expected} for the {self.likelihood.name} likelihood; batch "
-            f"{self.batch}, example {first} (index {self.offset + first} in the data) has "
-            f"label {labels[first]!r}; {bad.size} label(s) of this batch are invalid."
+            f"targets must be {self.likelihood.targets_description(self.n_outputs)} for the "
+            f"{name} likelihood; batch {self.batch}, example {example}{where} (index "
+            f"{self.offset + example} in the data) has target {value.tolist()!r}; "
+            f"{bad.size} target(s) of this batch are invalid."
         )
 
 
@@ -109,24 +156,21 @@ def _example_count(leaves: list[tf.Tensor], batch: int) -> int:
 
 
 @tf.function(reduce_retracing=True, autograph=False)
-def _summary(float_leaves: tuple, y: tf.Tensor) -> tf.Tensor:
-    """``[inputs finite, targets finite, min label, max label, labels integral]``."""
+def _summary(float_leaves: tuple, y: tf.Tensor, weights: tuple) -> tf.Tensor:
+    """``[inputs finite, targets finite, weights finite, smallest weight]``."""
     x_finite = tf.constant(True)
     for leaf in float_leaves:
         x_finite = tf.logical_and(x_finite, tf.reduce_all(tf.math.is_finite(leaf)))
+    y_finite = tf.constant(True)
     if y.dtype.is_floating:
-        labels = tf.cast(y, tf.float64)
-        y_finite = tf.reduce_all(tf.math.is_finite(labels))
-        integral = tf.reduce_all(tf.equal(labels, tf.round(labels)))
-    else:
-        labels = tf.cast(y, tf.float64)
-        y_finite, integral = tf.constant(True), tf.constant(True)
-    empty = tf.equal(tf.size(labels), 0)
-    zero = tf.constant(0.0, tf.float64)
-    low = tf.where(empty, zero, tf.reduce_min(labels))
-    high = tf.where(empty, zero, tf.reduce_max(labels))
-    flags = tf.cast(tf.stack([x_finite, y_finite]), tf.float64)
-    return tf.concat([flags, [low, high], [tf.cast(integral, tf.float64)]], axis=0)
+        y_finite = tf.reduce_all(tf.math.is_finite(y))
+    w_finite, w_min = tf.constant(True), tf.constant(0.0, tf.float64)
+    for w in weights:
+        w = tf.cast(w, tf.float64)
+        w_finite = tf.reduce_all(tf.math.is_finite(w))
+        w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), w_min)
+    flags = tf.cast(tf.stack([x_finite, y_finite, w_finite]), tf.float64)
+    return tf.concat([flags, [w_min]], axis=0)
 
 
 def checked_inputs(model: keras.Model, x: Any, batch_size: int) -> Iterator[Any]:
@@ -171,27 +215,31 @@ def check_batched(model: keras.Model, leaves: list[tf.Tensor]) -> None:
         )
 
 
-def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> int:
-    """The model's output width, read from its first few examples, after refusing
-    outputs that are already probabilities where the likelihood expects logits."""
+def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> tuple:
+    """The model's output shape per example, ``(*positions, C)``, read from its first few
+    examples, after refusing outputs that are already probabilities where the likelihood
+    expects logits, and models with several outputs."""
     head = tf.nest.map_structure(lambda t: t[:_PROBE_EXAMPLES], x)
     outputs = _probe_forward(model)(head)
     if isinstance(outputs, list | tuple | dict):
         shapes = [tuple(o.shape) for o in tf.nest.flatten(outputs)]
-        raise ValueError(f"the model must have one output of shape [N, C]; it has {shapes}.")
-    if outputs.shape.rank != 2:
         raise ValueError(
-            f"the model output must have shape [N, C]; got rank {outputs.shape.rank} "
-            f"({outputs.shape})."
+            f"the model has {len(shapes)} outputs {shapes}; select the one the posterior is "
+            "over with output= (its name or index)."
         )
-    width = int(outputs.shape[1])
+    if outputs.shape.rank < 2:
+        raise ValueError(
+            f"the model output must have shape [N, C] or [N, ..., C] (positions); got rank "
+            f"{outputs.shape.rank} ({outputs.shape})."
+        )
+    width = int(outputs.shape[-1])
     if isinstance(likelihood, Classification) and width > 1:
         probs = tf.cast(outputs, tf.float64)
         sums_to_one = tf.reduce_all(tf.abs(tf.reduce_sum(probs, -1) - 1) < _PROBABILITY_TOLERANCE)
         in_range = tf.reduce_all((probs >= 0) & (probs <= 1))
         if bool(sums_to_one & in_range):
             raise ValueError(_LOGITS_MESSAGE.format(what="its outputs are probabilities"))
-    return width
+    return tuple(int(d) for d in outputs.shape[1:])
 
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

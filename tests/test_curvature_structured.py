@@ -680,14 +680,15 @@ def test_param_not_in_model(small):
             output_covariance(model, x, [np.ones((4, 5))], params=[stranger])
 
 
-def test_rank_three_output():
+def test_rank_three_output_needs_targets_per_position():
+    """Outputs with positions (tests/test_task_outputs.py) take one target per position."""
     inp = keras.Input((4, 2))
     model = keras.Model(inp, L.Dense(3)(inp))  # [N, 4, 3]
     x, y = np.ones((N, 4, 2)), np.zeros(N, dtype="int32")
-    with pytest.raises(ValueError, match="rank 3"):
+    with pytest.raises(ValueError, match=r"expected \[7, 4, \.\.\.\]"):
         diagonal(model, (x, y), likelihood="classification")
-    with pytest.raises(ValueError, match="rank 3"):
-        output_covariance(model, x, [np.ones(v.shape) for v in model.trainable_variables])
+    covariance = output_covariance(model, x, [np.ones(v.shape) for v in model.trainable_variables])
+    assert covariance.shape == (N, 4, 3, 3)
 
 
 @pytest.mark.parametrize("sigma_noise", [0.0, -0.5, float("nan")])

@@ -32,6 +32,7 @@ class CurvatureFit:
     nll: float
     n_data: int
     n_outputs: int
+    n_rows: int | float | None = None  # weighted examples x positions (None: n_data)
 
 
 def is_piecewise_linear(model: keras.Model) -> bool:
@@ -88,11 +89,12 @@ def _accumulation_dtype(dtype: tf.DType) -> tf.DType:
 
 
 def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
-    """Model outputs as used by the likelihood: rank 2 and at least float32."""
-    if outputs.shape.rank != 2:
+    """Model outputs as used by the likelihood: ``[N, C]`` or ``[N, ..., C]`` (positions),
+    at least float32."""
+    if outputs.shape.rank is not None and outputs.shape.rank < 2:
         raise ValueError(
-            f"the model output must have shape [N, C]; got rank {outputs.shape.rank} "
-            f"({outputs.shape})."
+            f"the model output must have shape [N, C] or [N, ..., C]; got rank "
+            f"{outputs.shape.rank} ({outputs.shape})."
         )
     return tf.cast(outputs, _accumulation_dtype(outputs.dtype))
 
@@ -108,11 +110,12 @@ def _add_in_float64(total: list | None, parts: list[tf.Tensor]) -> list[tf.Tenso
 
 
 def _checked_batches(model, likelihood, data, batch_size):
-    """The ``(x, y)`` batches of ``data``, each checked (:class:`BatchChecker`) before use."""
+    """The ``(x, y, sample_weight)`` batches of ``data`` (``sample_weight`` ``None`` when
+    it has none), each checked (:class:`BatchChecker`) before use."""
     checker = BatchChecker(model, likelihood)
-    for x, y in iterate_batches(data, batch_size=batch_size):
-        checker(x, y)
-        yield x, y
+    for x, y, weights in iterate_batches(data, batch_size=batch_size):
+        checker(x, y, weights)
+        yield x, y, weights
 
 
 def _replicated(model, step):

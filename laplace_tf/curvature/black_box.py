@@ -10,7 +10,8 @@ import warnings
 
 import keras
 
-from laplace_tf.curvature.basics import CurvatureFit, _checked_batches, _loss_outputs
+from laplace_tf.curvature import loss_terms
+from laplace_tf.curvature.basics import CurvatureFit, _checked_batches
 from laplace_tf.curvature.hessian import hessian_diagonal
 
 #: Above this many parameters, ``kind="hessian"`` on a non-piecewise-linear model warns.
@@ -22,8 +23,9 @@ def _batch_loss(model, likelihood):
     Hessian-vector products of :func:`hessian_diagonal` are reused across fits."""
 
     def batch_loss(batch):
-        x, y = batch
-        return likelihood.nll(_loss_outputs(model(x, training=False)), y)
+        x, y, weights = batch
+        terms = loss_terms.loss_rows(model(x, training=False), y, weights)
+        return loss_terms.nll(likelihood, terms)
 
     return batch_loss
 
@@ -40,18 +42,18 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size, batch_los
             stacklevel=3,
         )
 
-    totals = {"nll": 0.0, "count": 0, "width": 0}
+    totals = {"nll": 0.0}
+    tally = loss_terms.Tally()
 
     def streamed():
-        """The batches, one at a time (never the whole dataset), tallying NLL and count."""
-        for x, y in _checked_batches(model, likelihood, data, batch_size):
-            outputs = _loss_outputs(model(x, training=False))
-            totals["nll"] += float(likelihood.nll(outputs, y))
-            totals["count"] += int(outputs.shape[0])
-            totals["width"] = int(outputs.shape[1])
+        """The batches, one at a time (never the whole dataset), tallying NLL and counts."""
+        for x, y, weights in _checked_batches(model, likelihood, data, batch_size):
+            terms = loss_terms.loss_rows(model(x, training=False), y, weights)
+            totals["nll"] += float(loss_terms.nll(likelihood, terms))
+            tally.add(loss_terms.counts(terms))
             if progress is not None:
-                progress(totals["count"])
-            yield x, y
+                progress(tally.examples)
+            yield x, y, weights
 
     try:
         with _quiet_tensorflow_logger():  # pfor logs pages of graph dumps before it fails
@@ -70,7 +72,7 @@ def _black_box_hessian(model, data, likelihood, variables, batch_size, batch_los
             f"vectorise the second derivative through {where}. Use kind='ggn' (exact "
             f"Gauss-Newton), 'ggn_mc' or 'ef', which need first derivatives only."
         ) from error
-    return CurvatureFit(diagonal, totals["nll"], totals["count"], totals["width"])
+    return CurvatureFit(diagonal, totals["nll"], tally.n_data, tally.width, tally.n_rows)
 
 
 @contextlib.contextmanager

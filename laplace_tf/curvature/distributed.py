@@ -22,7 +22,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-Step = Callable[[Any, tf.Tensor, tf.Tensor], tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]]
+Step = Callable[
+    [Any, tf.Tensor, tf.Tensor | None, tf.Tensor], tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]
+]
 
 
 def strategy_of(model: keras.Model) -> tf.distribute.Strategy | None:
@@ -34,12 +36,13 @@ def strategy_of(model: keras.Model) -> tf.distribute.Strategy | None:
 
 
 def replicated(strategy: tf.distribute.Strategy, step: Step) -> Step:
-    """``step(x, y, seed) -> (sums, nll, shape)`` run on every replica and all-reduced."""
+    """``step(x, y, sample_weight, seed) -> (sums, nll, counts)`` run on every replica and
+    all-reduced (``counts``: weighted examples and rows, summed, and the output width)."""
     replicas = strategy.num_replicas_in_sync
     total = tf.distribute.ReduceOp.SUM
 
     @tf.function(reduce_retracing=True, autograph=False)
-    def run(x, y, seed):
+    def run(x, y, weights, seed):
         count = tf.shape(tf.nest.flatten(x)[0])[0]
 
         def shard(context):
@@ -47,13 +50,16 @@ def replicated(strategy: tf.distribute.Strategy, step: Step) -> Step:
             start = (replica * count) // replicas
             stop = ((replica + 1) * count) // replicas
             x_part, y_part = tf.nest.map_structure(lambda t: t[start:stop], (x, y))
-            return x_part, y_part, tf.random.experimental.stateless_fold_in(seed, replica)
+            w_part = None if weights is None else weights[start:stop]
+            seed_part = tf.random.experimental.stateless_fold_in(seed, replica)
+            return x_part, y_part, w_part, seed_part
 
         arguments = strategy.experimental_distribute_values_from_function(shard)
-        sums, nll, shape = strategy.run(step, args=arguments)
+        sums, nll, counts = strategy.run(step, args=arguments)
         sums = [strategy.reduce(total, s, axis=None) for s in sums]
         nll = strategy.reduce(total, nll, axis=None)
-        width = strategy.experimental_local_results(shape)[0][1]
-        return sums, nll, tf.stack([count, width])
+        width = strategy.experimental_local_results(counts)[0][2]
+        totals = strategy.reduce(total, counts, axis=None)
+        return sums, nll, tf.concat([totals[:2], [width]], axis=0)
 
     return run

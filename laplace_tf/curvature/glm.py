@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf.curvature.layers import Explicit, Outer, Patches
+from laplace_tf.curvature.loss_terms import output_blocks
 from laplace_tf.curvature.reducers import _flat, _is_bias, _jacobian
 from laplace_tf.curvature.structured import (
     _cached,
@@ -116,11 +117,6 @@ def _covariance_tensors(covariance: Covariance) -> list[tf.Tensor]:
     return [covariance.weights]
 
 
-def _identity_columns(raw: tf.Tensor) -> tf.Tensor:
-    n, c = tf.shape(raw)[0], tf.shape(raw)[1]
-    return tf.broadcast_to(tf.eye(c, dtype=raw.dtype), [n, c, c])
-
-
 def _block_covariance(factor, tensors) -> tf.Tensor:
     """``[N, K, K]``: ``J_n Sigma_b J_n^T`` of one factor and its block's covariance
     ``tensors`` (see :func:`_covariance_tensors`), in the factor's dtype. Dense kernels and
@@ -199,29 +195,32 @@ def _kron_covariance_step(model, variables, shared):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
             outputs = _loss_outputs(raw)
-        columns = _identity_columns(raw)
-        shape = [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]]
-        covariance = tf.zeros(shape, outputs.dtype)
-        for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, columns), strict=True):
-            factors, folded = site.factors(cotangent), None
-            for place, factor in enumerate(factors):
-                position = index[id(factor.variables[0])]
-                if position == folded and _is_bias(site, factor):
-                    continue  # added to its kernel's block
-                if isinstance(factor, Outer) and shared.get(position) is not None:
-                    bias = shared[position]
-                    if any(index[id(f.variables[0])] == bias for f in factors[place + 1 :]):
-                        folded = bias
-                        block = _kernel_and_bias(factor, tensors[position], tensors[bias])
-                        covariance += tf.cast(block, outputs.dtype)
-                        continue
-                if len(factor.variables) == 1:
-                    block = _block_covariance(factor, tensors[index[id(factor.variable)]])
-                else:
-                    weights = [tensors[index[id(v)]][0] for v in factor.variables]
-                    block = factor.weighted_gram(weights)
-                covariance += tf.cast(block, outputs.dtype)
-        return outputs, covariance
+
+        def gram(columns):
+            covariance = 0.0
+            cotangents = _cut_cotangents(tape, raw, sites, columns)
+            for site, cotangent in zip(sites, cotangents, strict=True):
+                factors, folded = site.factors(cotangent), None
+                for place, factor in enumerate(factors):
+                    position = index[id(factor.variables[0])]
+                    if position == folded and _is_bias(site, factor):
+                        continue  # added to its kernel's block
+                    if isinstance(factor, Outer) and shared.get(position) is not None:
+                        bias = shared[position]
+                        if any(index[id(f.variables[0])] == bias for f in factors[place + 1 :]):
+                            folded = bias
+                            block = _kernel_and_bias(factor, tensors[position], tensors[bias])
+                            covariance += tf.cast(block, outputs.dtype)
+                            continue
+                    if len(factor.variables) == 1:
+                        block = _block_covariance(factor, tensors[index[id(factor.variable)]])
+                    else:
+                        weights = [tensors[index[id(v)]][0] for v in factor.variables]
+                        block = factor.weighted_gram(weights)
+                    covariance += tf.cast(block, outputs.dtype)
+            return covariance
+
+        return outputs, output_blocks(gram, outputs)
 
     return step
 
@@ -232,13 +231,15 @@ def _full_covariance_step(model, variables):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
             outputs = _loss_outputs(raw)
-        jacobian = _jacobian(tape, raw, sites, _identity_columns(raw), variables)  # [N, C, P]
-        n, c = tf.shape(jacobian)[0], tf.shape(jacobian)[1]
-        columns = tf.reshape(tf.transpose(jacobian, [2, 0, 1]), [tf.shape(jacobian)[2], -1])
-        cholesky = tf.cast(cholesky, columns.dtype)
-        solved = tf.linalg.triangular_solve(cholesky, columns, lower=True)
-        solved = tf.reshape(solved, [-1, n, c])
-        covariance = tf.einsum("pnc,pnd->ncd", solved, solved)
-        return outputs, tf.cast(covariance, outputs.dtype)
+
+        def gram(columns):
+            jacobian = _jacobian(tape, raw, sites, columns, variables)  # [N, K, P]
+            n, k = tf.shape(jacobian)[0], tf.shape(jacobian)[1]
+            flat = tf.reshape(tf.transpose(jacobian, [2, 0, 1]), [tf.shape(jacobian)[2], -1])
+            solved = tf.linalg.triangular_solve(tf.cast(cholesky, flat.dtype), flat, lower=True)
+            solved = tf.reshape(solved, [-1, n, k])
+            return tf.cast(tf.einsum("pnc,pnd->ncd", solved, solved), outputs.dtype)
+
+        return outputs, output_blocks(gram, outputs)
 
     return step

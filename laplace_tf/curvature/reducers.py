@@ -32,6 +32,9 @@ from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf._validation import check_output_activation
 from laplace_tf.curvature.layers import Explicit, Outer, Patches, PerExample, Rows
+from laplace_tf.curvature.loss_terms import Tally, loss_columns, loss_rows
+from laplace_tf.curvature.loss_terms import counts as loss_counts
+from laplace_tf.curvature.loss_terms import nll as loss_nll
 from laplace_tf.curvature.structured import (
     KINDS,
     _cached,
@@ -39,8 +42,6 @@ from laplace_tf.curvature.structured import (
     _column_chunk,
     _cut_cotangents,
     _likelihood_key,
-    _loss_columns,
-    _loss_outputs,
     _model_variables,
     _replicated,
     _warn_fallbacks,
@@ -102,6 +103,7 @@ class StructuredFit:
     nll: float
     n_data: int
     n_outputs: int
+    n_rows: int | float | None = None  # weighted examples x positions (None: n_data)
 
 
 # -- per-example gradients -------------------------------------------------------------------
@@ -171,10 +173,10 @@ def fit_kron(
     """
     step, layout = _structured_step(model, likelihood, kind, params, mc_samples, "kron")
     variables = _model_variables(model, params)
-    sums, nll, count, width = _accumulate(
+    sums, nll, tally = _accumulate(
         model, likelihood, data, batch_size, seed, step, progress, variables
     )
-    blocks, position = [], 0
+    blocks, position, count = [], 0, tally.n_data
     for v in variables:
         block = layout[id(v)]
         if block == "kron":
@@ -187,7 +189,7 @@ def fit_kron(
         else:
             blocks.append(DiagonalBlock(tf.constant(sums[position])))
             position += 1
-    return StructuredFit(blocks, nll, count, width)
+    return StructuredFit(blocks, nll, tally.n_data, tally.width, tally.n_rows)
 
 
 def fit_full(
@@ -217,12 +219,11 @@ def fit_full(
     )
     black_box = kind == "hessian" and not is_piecewise_linear(model)  # no layer rules
     variables = None if black_box else _model_variables(model, params)
-    sums, nll, count, width = _accumulate(
+    sums, nll, tally = _accumulate(
         model, likelihood, data, batch_size, seed, step, progress, variables
     )
-    if black_box:
-        return StructuredFit(tf.constant(sums[0]), nll, count, width)
-    return StructuredFit(tf.constant(_assemble(layout, sums)), nll, count, width)
+    curvature = sums[0] if black_box else _assemble(layout, sums)
+    return StructuredFit(tf.constant(curvature), nll, tally.n_data, tally.width, tally.n_rows)
 
 
 def _accumulate(model, likelihood, data, batch_size, seed, step, progress, variables):
@@ -231,21 +232,21 @@ def _accumulate(model, likelihood, data, batch_size, seed, step, progress, varia
     a :class:`FallbackWarning` when they take the fallback."""
     likelihood = get_likelihood(likelihood)
     seed = resolve_seed(seed)
-    total, nll, count, shape = None, 0.0, 0, None
-    for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
+    total, nll, tally = None, 0.0, Tally()
+    for index, (x, y, w) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
         if index == 0 and variables is not None:
             _warn_fallbacks(model, variables, x)
-        parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
+        parts, batch_nll, counts = step(x, y, w, tf.constant([seed, index], tf.int64))
         if total is None:
             total = [np.array(p, np.float64) for p in parts]
         else:
             for t, p in zip(total, parts, strict=True):
                 np.add(t, p.numpy(), out=t)
         nll += tf.cast(batch_nll, tf.float64)
-        count += int(shape[0])
+        tally.add(counts)
         if progress is not None:
-            progress(count)
-    return total, float(nll), count, int(shape[1])
+            progress(tally.examples)
+    return total, float(nll), tally
 
 
 def _structured_step(model, likelihood, kind, params, mc_samples, reducer, batch_size=0):
@@ -285,23 +286,24 @@ def _kron_step(model, likelihood, variables, kind, mc_samples, _batch_size):
         )
 
     @tf.function(reduce_retracing=True, autograph=False)
-    def step(x, y, seed):
+    def step(x, y, weights, seed):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
-            outputs = _loss_outputs(raw)
-        columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
+        terms = loss_rows(raw, y, weights)
+        columns = loss_columns(likelihood, kind, mc_samples, terms, seed)
+        root = None if terms.example_weights is None else tf.sqrt(terms.example_weights)
         sums: dict[int, list] = {}
         inputs: dict[int, tf.Tensor] = {}
-        count, chunk = columns.shape[-1], _column_chunk(sites, columns.shape[-1])
+        count, chunk = columns.count, _column_chunk(sites, columns.count)
         for start in range(0, count, chunk):
-            part = columns[:, :, start : start + chunk]
+            part = columns.part(start, min(chunk, count - start))
             for site, cotangent in zip(sites, _cut_cotangents(tape, raw, sites, part), strict=True):
                 kernel_outputs = None  # B of this site's kernel: also its bias block
                 for factor in site.factors(cotangent):
                     key = id(factor.variables[0])
                     if isinstance(factor, Outer | Patches):
                         if start == 0:  # A does not depend on the columns
-                            inputs[key] = _inputs_gram(factor)
+                            inputs[key] = _inputs_gram(factor, root)
                         kernel_outputs = _outputs_gram(factor)
                         add(sums, key, [kernel_outputs])
                         layout[key] = "kron"
@@ -321,7 +323,7 @@ def _kron_step(model, likelihood, variables, kind, mc_samples, _batch_size):
             if id(v) in inputs:
                 parts.append(inputs[id(v)])
             parts.extend(sums[id(v)])
-        return parts, likelihood.nll(outputs, y), tf.shape(outputs)
+        return parts, loss_nll(likelihood, terms), loss_counts(terms)
 
     return _replicated(model, step), layout
 
@@ -332,9 +334,14 @@ def _gram(rows: tf.Tensor) -> tf.Tensor:
     return tf.matmul(flat, flat, transpose_a=True)
 
 
-def _inputs_gram(factor: Outer | Patches) -> tf.Tensor:
-    """``sum_n a_n a_n^T`` (conv: also summed over the locations' patches)."""
-    return _gram(factor.inputs if isinstance(factor, Outer) else factor.patches)
+def _inputs_gram(factor: Outer | Patches, root: tf.Tensor | None = None) -> tf.Tensor:
+    """``sum_n v_n a_n a_n^T`` (conv: also summed over the locations' patches), ``root``
+    the square roots of the per-example weights ``v`` (``None``: all 1)."""
+    rows = factor.inputs if isinstance(factor, Outer) else factor.patches
+    if root is not None:
+        root = tf.reshape(tf.cast(root, rows.dtype), [-1] + [1] * (rows.shape.rank - 1))
+        rows = rows * root
+    return _gram(rows)
 
 
 def _outputs_gram(factor: Outer | Patches) -> tf.Tensor:
@@ -368,17 +375,17 @@ def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
     layout: dict[str, list] = {"items": [], "parts": []}
 
     @tf.function(reduce_retracing=True, autograph=False)
-    def step(x, y, seed):
+    def step(x, y, weights, seed):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
-            outputs = _loss_outputs(raw)
-        columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
-        count = columns.shape[-1]
+        terms = loss_rows(raw, y, weights)
+        columns = loss_columns(likelihood, kind, mc_samples, terms, seed)
+        count = columns.count
         bound = FULL_GRADIENT_ENTRIES // max(batch_size * size, 1)
         chunk = max(1, min(_column_chunk(sites, count), bound))
         sums: dict[tuple, tf.Tensor] = {}
         for start in range(0, count, chunk):
-            part = columns[:, :, start : start + chunk]
+            part = columns.part(start, min(chunk, count - start))
             pieces = _pieces(tape, raw, sites, part, variables)
             for p in range(len(pieces)):
                 for q in range(p, len(pieces)):
@@ -393,7 +400,7 @@ def _full_step(model, likelihood, variables, kind, mc_samples, batch_size):
             parts.append(value)
             entries.append((name, p, q))
         layout["items"], layout["parts"] = [piece[2] for piece in pieces], entries
-        return parts, likelihood.nll(outputs, y), tf.shape(outputs)
+        return parts, loss_nll(likelihood, terms), loss_counts(terms)
 
     return _replicated(model, step), layout
 
@@ -522,17 +529,17 @@ def _hessian_step(model, likelihood, variables, _kind, _mc_samples, _batch_size)
     size = sum(v.shape.num_elements() for v in variables)
 
     @tf.function(reduce_retracing=True, autograph=False)
-    def step(x, y, seed):
+    def step(x, y, weights, seed):
         sources = [unwrap_variable(v) for v in variables]
         with tf.GradientTape(persistent=True) as outer:
             with tf.GradientTape() as inner:
-                outputs = _loss_outputs(model(x, training=False))
-                nll = likelihood.nll(outputs, y)
+                terms = loss_rows(model(x, training=False), y, weights)
+                nll = loss_nll(likelihood, terms)
             grads = inner.gradient(nll, sources, unconnected_gradients="zero")
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
         rows = outer.jacobian(flat, sources, unconnected_gradients="zero")
         hessian = tf.concat([tf.reshape(r, [size, -1]) for r in rows], axis=1)
-        return [tf.cast(hessian, tf.float64)], nll, tf.shape(outputs)
+        return [tf.cast(hessian, tf.float64)], nll, loss_counts(terms)
 
     return _replicated(model, step), {}
 

@@ -13,7 +13,6 @@ Shared conventions live in :mod:`basics`, the black-box Hessian in :mod:`black_b
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,16 @@ from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
     _black_box_hessian,
 )
 from laplace_tf.curvature.layers import Outer, Patches
+from laplace_tf.curvature.loss_terms import (
+    Columns,
+    Tally,
+    loss_columns,
+    loss_rows,
+    output_blocks,
+    position_chunk,
+)
+from laplace_tf.curvature.loss_terms import counts as loss_counts
+from laplace_tf.curvature.loss_terms import nll as loss_nll
 from laplace_tf.curvature.tracing import trace
 from laplace_tf.likelihoods import Likelihood, get_likelihood
 
@@ -170,18 +179,18 @@ def fit_diagonal(
         variables,
         lambda: _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples)),
     )
-    total, nll, count, shape = None, 0.0, 0, None
-    for index, (x, y) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
+    total, nll, tally = None, 0.0, Tally()
+    for index, (x, y, w) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
         if index == 0:
             _warn_fallbacks(model, variables, x)
-        parts, batch_nll, shape = step(x, y, tf.constant([seed, index], tf.int64))
+        parts, batch_nll, counts = step(x, y, w, tf.constant([seed, index], tf.int64))
         total = _add_in_float64(total, parts)
         nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
-        count += shape[0]
+        tally.add(counts)
         if progress is not None:
-            progress(int(count))
+            progress(tally.examples)
     diagonal = [tf.cast(t, v.dtype) for t, v in zip(total, variables, strict=True)]
-    return CurvatureFit(diagonal, float(nll), int(count), int(shape[1]))
+    return CurvatureFit(diagonal, float(nll), tally.n_data, tally.width, tally.n_rows)
 
 
 def output_covariance(
@@ -279,6 +288,8 @@ def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSum
         with tf.GradientTape():
             outputs, sites = trace(model, head, variables)
         width = max(1, int(outputs.shape[-1]))
+        if outputs.shape.rank > 2:  # whole positions' columns at once
+            width *= position_chunk(outputs.shape[1:-1].num_elements(), width)
         cuts, largest, fallbacks = 0, 0, []
         for site in sites:
             cuts += max(1, site.cut.shape[1:].num_elements() or 1)
@@ -331,11 +342,13 @@ def _cached(model, key: tuple, variables: list, build):
 
 
 def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]:
-    """``[N, K, *cut.shape[1:]]`` cotangents of every site's cut for columns ``[N, C, K]``."""
+    """``[N, K, *cut.shape[1:]]`` cotangents of every site's cut for columns ``[N, D, K]``
+    (``D``: the outputs of one example, flattened over their positions)."""
     cuts = [site.cut for site in sites]
     columns = tf.cast(tf.transpose(columns, [2, 0, 1]), outputs.dtype)
 
     def backward(column):
+        column = tf.reshape(column, tf.shape(outputs))
         grads = tape.gradient(outputs, cuts, output_gradients=column, unconnected_gradients="zero")
         return [tf.cast(g, _accumulation_dtype(c.dtype)) for g, c in zip(grads, cuts, strict=True)]
 
@@ -354,19 +367,6 @@ def _site_factors(tape, outputs, sites, columns):
     return factors
 
 
-def _loss_columns(likelihood, kind, mc_samples, outputs, y, seed):
-    if kind == "ggn":
-        return likelihood.hessian_factor(outputs)
-    if kind == "ef":
-        return likelihood.loss_gradient(outputs, y)[:, :, None]
-    draws = []
-    for draw in range(mc_samples):
-        sample_seed = tf.random.experimental.stateless_fold_in(seed, draw)
-        pseudo = likelihood.sample(outputs, sample_seed)
-        draws.append(likelihood.loss_gradient(outputs, pseudo))
-    return tf.stack(draws, axis=-1) / math.sqrt(mc_samples)
-
-
 def _column_chunk(sites, count: int) -> int:
     """Columns of S back-propagated together: all of them unless the cut cotangents of
     one example would exceed :data:`COLUMN_ENTRIES_PER_EXAMPLE` (large conv feature maps)."""
@@ -376,11 +376,11 @@ def _column_chunk(sites, count: int) -> int:
 
 def _diagonal_step(model, likelihood, variables, kind, mc_samples):
     @tf.function(reduce_retracing=True, autograph=False)
-    def step(x, y, seed):
+    def step(x, y, weights, seed):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
-            outputs = _loss_outputs(raw)
-        columns = _loss_columns(likelihood, kind, mc_samples, outputs, y, seed)
+        terms = loss_rows(raw, y, weights)
+        columns = loss_columns(likelihood, kind, mc_samples, terms, seed)
 
         def squares(part):
             totals = {}  # no zeros to add to: each weight's first square is its total
@@ -390,43 +390,39 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
                     totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
             return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
 
-        chunk = _column_chunk(sites, columns.shape[-1])
+        chunk = _column_chunk(sites, columns.count)
         zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
         totals = fold_column_chunks(squares, columns, chunk, zeros)
-        return totals, likelihood.nll(outputs, y), tf.shape(outputs)
+        return totals, loss_nll(likelihood, terms), loss_counts(terms)
 
     return step
 
 
-def fold_column_chunks(reduce, columns: tf.Tensor, chunk: int, zeros: list) -> list[tf.Tensor]:
-    """``sum_j reduce(columns[:, :, chunk j])`` over chunks of ``chunk`` columns of
-    ``columns [N, C, K]`` (zero-padded to a multiple of ``chunk``; zero columns add zero);
-    ``zeros`` are zeros shaped like ``reduce``'s results (the loop's first value).
+def fold_column_chunks(reduce, columns: Columns, chunk: int, zeros: list) -> list[tf.Tensor]:
+    """``sum_j reduce(columns.part(j chunk, chunk))`` over the chunks of ``chunk`` columns
+    (the last one zero-padded; zero columns add zero); ``zeros`` are zeros shaped like
+    ``reduce``'s results (the loop's first value).
 
     One chunk is back-propagated and reduced at a time, in a ``tf.while_loop`` run one
     iteration after another, so that only one chunk's cut cotangents exist at once and
     the backward pass is traced once, not once per chunk (or, with
     :data:`UNROLL_COLUMN_CHUNKS`, unrolled with each chunk waiting for the previous).
     """
-    count = columns.shape[-1]
+    count = columns.count
     if count <= chunk:
-        return reduce(columns)
+        return reduce(columns.part(0, count))
     if UNROLL_COLUMN_CHUNKS:
         totals = None
         for start in range(0, count, chunk):  # each chunk waits for the previous one's sums
             with tf.control_dependencies([] if totals is None else totals):
-                part = tf.identity(columns[:, :, start : start + chunk])
+                part = tf.identity(columns.part(start, min(chunk, count - start)))
             sums = reduce(part)
             totals = sums if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
         return totals
     chunks = -(-count // chunk)
-    padded = tf.pad(columns, [[0, 0], [0, 0], [0, chunks * chunk - count]])
-    shape = tf.shape(padded)
-    parts = tf.transpose(tf.reshape(padded, [shape[0], shape[1], chunks, chunk]), [2, 0, 1, 3])
-    parts = tf.ensure_shape(parts, [chunks, columns.shape[0], columns.shape[1], chunk])
 
     def body(index, totals):
-        part = tf.ensure_shape(tf.gather(parts, index), parts.shape[1:])
+        part = columns.part(index * chunk, chunk)
         return index + 1, [t + s for t, s in zip(totals, reduce(part), strict=True)]
 
     _, totals = tf.while_loop(
@@ -443,13 +439,14 @@ def _covariance_step(model, variables):
         with tf.GradientTape(persistent=True) as tape:
             raw, sites = trace(model, x, variables)
             outputs = _loss_outputs(raw)
-        eye = tf.eye(tf.shape(raw)[1], dtype=raw.dtype)
-        columns = tf.broadcast_to(eye, [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]])
-        shape = [tf.shape(raw)[0], tf.shape(raw)[1], tf.shape(raw)[1]]
-        covariance = tf.zeros(shape, outputs.dtype)
-        for factor in _site_factors(tape, raw, sites, columns):
-            factor_weights = [weights[index[id(v)]] for v in factor.variables]
-            covariance += tf.cast(factor.weighted_gram(factor_weights), outputs.dtype)
-        return outputs, covariance
+
+        def gram(columns):
+            covariance = 0.0
+            for factor in _site_factors(tape, raw, sites, columns):
+                factor_weights = [weights[index[id(v)]] for v in factor.variables]
+                covariance += tf.cast(factor.weighted_gram(factor_weights), outputs.dtype)
+            return covariance
+
+        return outputs, output_blocks(gram, outputs)
 
     return step

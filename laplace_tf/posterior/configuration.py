@@ -43,6 +43,18 @@ class Configuration:
         return self._model
 
     @property
+    def network(self) -> keras.Model:
+        """The model the posterior is over: :attr:`model` itself, or for a model with several
+        outputs a view of it that computes the selected ``output`` (sharing its layers and
+        weights)."""
+        return self._network
+
+    @property
+    def output(self) -> str | int | None:
+        """The selected output of a model with several (read-only), or ``None``."""
+        return self._output
+
+    @property
     def variables(self) -> list:
         """The selected weights, in order (read-only; set through ``subset``)."""
         return list(self._variables)
@@ -62,7 +74,7 @@ class Configuration:
             rules = get_likelihood(value)
         else:
             rules = check_protocol(value, self.curvature)
-        check_output_activation(self.model, rules)
+        check_output_activation(self.network, rules)
         self._likelihood, self._likelihood_object = value, rules
 
     @property
@@ -96,7 +108,7 @@ class Configuration:
 
     @subset.setter
     def subset(self, value: str | Sequence[str]) -> None:
-        groups = select_groups(self.model, value)
+        groups = select_groups(self.network, value)
         variables = [v for group in groups for v in group]
         prior = PriorPrecision.from_value(self._prior_precision_value, groups)
         prior_mean = _finite_prior_mean(self._prior_mean_value, variables)

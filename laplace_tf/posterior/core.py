@@ -27,6 +27,7 @@ from laplace_tf.posterior import evidence, prediction, serialization, tuning
 from laplace_tf.posterior.configuration import Configuration
 from laplace_tf.posterior.diagonal import Diagonal
 from laplace_tf.posterior.full import DEFAULT_SIZE_LIMIT
+from laplace_tf.posterior.outputs import selected_output
 from laplace_tf.posterior.prior import PriorPrecision
 from laplace_tf.posterior.record import FitRecord
 
@@ -39,9 +40,11 @@ class Laplace(Configuration):
     Parameters
     ----------
     model : keras.Model
-        A trained, built model with one output ``[N, C]`` (logits, one logit for
-        ``"binary"``, or the mean for ``"regression"``). It is never modified. A model
-        whose last layer applies softmax (sigmoid for ``"binary"``) is refused.
+        A trained, built model with an output ``[N, C]`` (logits, one logit for
+        ``"binary"``, or the mean for ``"regression"``), or ``[N, ..., C]`` with positions
+        (per token, per pixel: the loss sums over them, and predictions are per position).
+        It is never modified. A model whose last layer applies softmax (sigmoid for
+        ``"binary"``) is refused.
     likelihood : {"classification", "binary", "regression"} or Likelihood
         A built-in name, or a :class:`~laplace_tf.likelihoods.Likelihood` object (a
         built-in one or the user's own subclass): it supplies every likelihood-specific
@@ -73,6 +76,11 @@ class Laplace(Configuration):
         ``T > 0``; the curvature and the log-likelihood are divided by it.
     full_size_limit : int
         Most selected weights ``structure="full"`` accepts.
+    output : str or int, optional
+        For a model with several outputs: the one the posterior is over, by output name
+        (the name of the layer that produces it) or index. The posterior then covers the
+        weights that output depends on (:attr:`network`), and ``fit`` reads targets for
+        that output alone. Required when the model has several outputs.
 
     Notes
     -----
@@ -103,12 +111,15 @@ class Laplace(Configuration):
         sigma_noise: float | None = None,
         temperature: float = 1.0,
         full_size_limit: int = DEFAULT_SIZE_LIMIT,
+        output: str | int | None = None,
     ):
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
         if not model.built:
             raise ValueError("model is not built: call it on data (or build it) first.")
         self._model = model
+        self._output = output
+        self._network = selected_output(model, output)
         self._record: FitRecord | None = None
         self._full_size_limit = positive_int("full_size_limit", full_size_limit)
         self._likelihood_object: Likelihood | None = None
@@ -154,7 +165,7 @@ class Laplace(Configuration):
         """
         likelihood = check_protocol(self._likelihood_object, self.curvature).unit_noise()
         fitted, summary = self._structure_cls.fit(
-            self.model,
+            self.network,
             data,
             likelihood=likelihood,
             kind=self.curvature,
@@ -163,7 +174,8 @@ class Laplace(Configuration):
             progress=progress,
             seed=seed,
         )
-        loss = evidence.fitted_loss(likelihood, summary.nll, summary.n_data, summary.n_outputs)
+        rows = summary.n_data if summary.n_rows is None else summary.n_rows
+        loss = evidence.fitted_loss(likelihood, summary.nll, rows * summary.n_outputs)
         self._record = FitRecord(
             structure=fitted,
             **{k: v for k, v in self.fitted_settings().items() if k != "structure"},
@@ -171,6 +183,7 @@ class Laplace(Configuration):
             n_data=summary.n_data,
             n_outputs=summary.n_outputs,
             mean=tuple(tf.identity(unwrap_variable(v)) for v in self.variables),
+            n_rows=summary.n_rows,
         )
         return self
 
@@ -407,14 +420,14 @@ class Laplace(Configuration):
     def _glm(self, x: Any, batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
         """Outputs ``f(x)`` and the GLM output covariance per example."""
         mean, covariance = self.record.structure.glm_moments(
-            self.model,
+            self.network,
             x,
             self.variables,
             self._prior.per_weight(),
             self._scaling(None),
             batch_size,
         )
-        predictive.warn_non_finite_glm(mean, covariance)
+        predictive.warn_non_finite_glm(*prediction.as_rows(mean, covariance))
         return mean, covariance
 
     def predictive_samples(

@@ -54,7 +54,7 @@ class Diagonal:
         curvature = fitted.diagonal
         if kind == "hessian":
             curvature = _clip_negative(curvature)
-        summary = FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs)
+        summary = FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs, fitted.n_rows)
         return cls(tuple(curvature)), summary
 
     def scaled(self, scaling: Scaling, dtype: tf.DType | None = None) -> list[tf.Tensor]:

@@ -31,10 +31,10 @@ def scaling(likelihood: Likelihood, kind: str, sigma: Any, temperature: float) -
     return Scaling(sigma if power else None, power, temperature)
 
 
-def fitted_loss(likelihood: Likelihood, nll: float, n_data: int, n_outputs: int) -> float:
+def fitted_loss(likelihood: Likelihood, nll: float, n_entries: float) -> float:
     """What the record keeps of the MAP NLL at unit noise: without its normalising constant
-    (for regression half the squared error)."""
-    return nll - float(likelihood.log_normaliser(n_data * n_outputs, 1.0))
+    over ``n_entries`` weighted output entries (for regression half the squared error)."""
+    return nll - float(likelihood.log_normaliser(n_entries, 1.0))
 
 
 def log_likelihood(
@@ -44,11 +44,9 @@ def log_likelihood(
     loss = tf.constant(record.loss, tf.float64)
     exponent = likelihood.noise_exponent
     if not exponent:
-        return -loss / temperature - likelihood.log_normaliser(
-            record.n_data * record.n_outputs, 1.0
-        )
+        return -loss / temperature - likelihood.log_normaliser(record.n_entries, 1.0)
     sigma = as_dtype(sigma, tf.float64)
-    count = record.n_data * record.n_outputs
+    count = record.n_entries
     return -loss / (sigma**exponent * temperature) - likelihood.log_normaliser(count, sigma)
 
 

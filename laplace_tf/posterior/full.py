@@ -85,7 +85,7 @@ class Full:
             tuple(tuple(v.shape) for v in variables),
             tuple(v.dtype for v in variables),
         )
-        return structure, FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs)
+        return structure, FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs, fitted.n_rows)
 
     def precision(self, prior: list[tf.Tensor], scaling: Scaling) -> tf.Tensor:
         """``G / (sigma^q T) + diag(delta)``, ``[P, P]`` float64."""

@@ -259,7 +259,7 @@ class Kron:
             else:
                 factors.append(_factor(block, v))
         factors = tuple(factors)
-        summary = FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs)
+        summary = FitSummary(fitted.nll, fitted.n_data, fitted.n_outputs, fitted.n_rows)
         return cls(factors, tuple(v.dtype for v in variables)), summary
 
     def _eigenvalues(self, prior: list[tf.Tensor], scaling: Scaling) -> list[tf.Tensor]:

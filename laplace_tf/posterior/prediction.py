@@ -45,16 +45,36 @@ def predict(
     if pred_type == "nn":
         n_samples = positive_int("n_samples", n_samples)
         outputs = sampled_outputs(la, x, n_samples, resolve_seed(seed), batch_size)
-        return likelihood.nn_predictive(outputs, sigma_noise)
+        lead = tf.shape(outputs)[1:-1]
+        rows = tf.reshape(outputs, [n_samples, -1, outputs.shape[-1]])
+        return _unfold(likelihood.nn_predictive(rows, sigma_noise), lead)
     mean, covariance = la._glm(x, batch_size)
+    lead, (mean, covariance) = tf.shape(mean)[:-1], as_rows(mean, covariance)
     sampled = link_approx == "mc"
-    return likelihood.glm_predictive(
+    predictions = likelihood.glm_predictive(
         mean,
         covariance,
         link_approx=link_approx,
         n_samples=positive_int("n_samples", n_samples) if sampled else n_samples,
         seed=[resolve_seed(seed), 0] if sampled else None,
         sigma_noise=sigma_noise,
+    )
+    return _unfold(predictions, lead)
+
+
+def as_rows(mean: tf.Tensor, covariance: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """GLM moments ``[N, *positions, C]`` / ``[..., C, C]`` as rows ``[R, C]`` / ``[R, C, C]``
+    (a likelihood reads rows)."""
+    width = mean.shape[-1]
+    return tf.reshape(mean, [-1, width]), tf.reshape(covariance, [-1, width, width])
+
+
+def _unfold(predictions: Any, lead: tf.Tensor) -> Any:
+    """A likelihood's predictions for rows, reshaped to ``[N, *positions, ...]``."""
+    if lead.shape[0] == 1:
+        return predictions
+    return tf.nest.map_structure(
+        lambda t: tf.reshape(t, tf.concat([lead, tf.shape(t)[1:]], axis=0)), predictions
     )
 
 
@@ -74,7 +94,10 @@ def predictive_samples(
     seed = resolve_seed(seed)
     if pred_type == "glm":
         mean, covariance = la._glm(x, batch_size)
-        outputs = predictive.gaussian_draws(mean, covariance, n_samples=n_samples, seed=[seed, 1])
+        shape = tf.concat([[n_samples], tf.shape(mean)], axis=0)
+        mean, covariance = as_rows(mean, covariance)
+        draws = predictive.gaussian_draws(mean, covariance, n_samples=n_samples, seed=[seed, 1])
+        outputs = tf.reshape(draws, shape)
     else:
         outputs = sampled_outputs(la, x, n_samples, seed, batch_size)
     return la.likelihood_object.link(outputs)
@@ -87,7 +110,7 @@ def sampled_outputs(la: Laplace, x: Any, n_samples: int, seed: int, batch_size: 
     batch, so the inputs (arrays or a dataset) are read once.
     """
     if la._nn_forward is None:
-        la._nn_forward = stateless_forward(la.model, la.variables)
+        la._nn_forward = stateless_forward(la.network, la.variables)
     mean = la.mean
     draws = []
     for s in range(n_samples):
@@ -97,7 +120,7 @@ def sampled_outputs(la: Laplace, x: Any, n_samples: int, seed: int, batch_size: 
     outputs = tf.concat(
         [
             tf.stack([la._nn_forward(values, batch) for values in draws])
-            for batch in checked_inputs(la.model, x, batch_size)
+            for batch in checked_inputs(la.network, x, batch_size)
         ],
         axis=1,
     )

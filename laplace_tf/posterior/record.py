@@ -29,10 +29,16 @@ class FitRecord:
         The MAP negative log-likelihood at unit noise less the likelihood's
         ``log_normaliser`` (for regression half the squared error; the NLL itself for a
         likelihood without noise).
-    n_data, n_outputs : int
-        Number of training examples and model outputs.
+    n_data : int or float
+        The number of training examples, weighted by their ``sample_weight`` (a float
+        when the weights make it fractional).
+    n_outputs : int
+        Model outputs per example (per position for outputs with positions).
     mean : tuple of tf.Tensor
         The MAP weights (posterior mean), copied at fit time.
+    n_rows : int or float, optional
+        The weighted number of loss terms: examples times positions, each weighted by its
+        sample weight and mask (``None``, as in files of 0.1 / 0.2: ``n_data``).
     """
 
     structure: Structure
@@ -43,6 +49,13 @@ class FitRecord:
     n_data: int
     n_outputs: int
     mean: tuple[tf.Tensor, ...]
+    n_rows: int | float | None = None
+
+    @property
+    def n_entries(self) -> float:
+        """The weighted number of output entries the likelihood's normaliser counts."""
+        rows = self.n_data if self.n_rows is None else self.n_rows
+        return rows * self.n_outputs
 
     def changes(self, configuration: dict[str, Any]) -> list[str]:
         """``"name='fitted' (now 'current')"`` for every fitted setting that differs now."""

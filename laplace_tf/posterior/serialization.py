@@ -35,7 +35,9 @@ With ``k`` the number of selected weights (``la.variables``), it holds:
     ``{"structure": "layerwise", "value": [float, ...]}`` or ``{"structure": "diag"}``;
   - ``prior_mean``: ``{"structure": "constant", "value": float}`` or
     ``{"structure": "arrays"}``;
-  - ``fit``: ``{"n_data": int, "n_outputs": int, "loss": float}``, ``loss`` being the MAP
+  - ``fit``: ``{"n_data": int or float, "n_outputs": int, "loss": float, "n_rows"?: int or
+    float}`` (``n_data`` weighted by the sample weights; ``n_rows``, from 0.3, the weighted
+    examples times positions), ``loss`` being the MAP
     NLL as a float64 (for regression half the squared error: the NLL at unit noise
     without its constant);
   - ``weights``: ``[{"name": path, "shape": [int, ...], "dtype": str}, ...]``, the
@@ -137,9 +139,10 @@ def save(la: Laplace, path: str | os.PathLike) -> None:
         "prior_precision": prior_precision,
         "prior_mean": prior_mean_entry,
         "fit": {
-            "n_data": int(fit.n_data),
+            "n_data": fit.n_data,
             "n_outputs": int(fit.n_outputs),
             "loss": float(fit.loss),
+            **({} if fit.n_rows is None else {"n_rows": fit.n_rows}),
         },
         "weights": _describe(la.variables),
         "fingerprint": {
@@ -384,9 +387,10 @@ def _restore(
             likelihood=settings["likelihood"],
             subset=settings["subset"],
             loss=float(fit["loss"]),
-            n_data=int(fit["n_data"]),
+            n_data=fit["n_data"],
             n_outputs=int(fit["n_outputs"]),
             mean=tuple(tf.constant(m) for m in weights_mean),
+            n_rows=fit.get("n_rows"),
         )
     )
     return la

@@ -56,6 +56,7 @@ class FitSummary:
     nll: float
     n_data: int
     n_outputs: int
+    n_rows: int | float | None = None  # weighted examples x positions (None: n_data)
 
 
 class Structure(Protocol):
