@@ -57,7 +57,7 @@ class BatchChecker:
             self.output_shape = probe_outputs(self.model, self.likelihood, x)
         rows = self._check_shape(y, count)
         float_leaves = tuple(leaf for leaf in leaves if leaf.dtype.is_floating)
-        weights = () if sample_weight is None else (sample_weight,)
+        weights = tf.zeros([0]) if sample_weight is None else sample_weight
         x_finite, y_finite, w_finite, w_min = _summary(float_leaves, y, weights).numpy()
         if not x_finite:
             self._fail_nonfinite("inputs", float_leaves)
@@ -156,7 +156,7 @@ def _example_count(leaves: list[tf.Tensor], batch: int) -> int:
 
 
 @tf.function(reduce_retracing=True, autograph=False)
-def _summary(float_leaves: tuple, y: tf.Tensor, weights: tuple) -> tf.Tensor:
+def _summary(float_leaves: tuple, y: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """``[inputs finite, targets finite, weights finite, smallest weight]``."""
     x_finite = tf.constant(True)
     for leaf in float_leaves:
@@ -164,11 +164,9 @@ def _summary(float_leaves: tuple, y: tf.Tensor, weights: tuple) -> tf.Tensor:
     y_finite = tf.constant(True)
     if y.dtype.is_floating:
         y_finite = tf.reduce_all(tf.math.is_finite(y))
-    w_finite, w_min = tf.constant(True), tf.constant(0.0, tf.float64)
-    for w in weights:
-        w = tf.cast(w, tf.float64)
-        w_finite = tf.reduce_all(tf.math.is_finite(w))
-        w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), w_min)
+    w = tf.cast(weights, tf.float64)
+    w_finite = tf.reduce_all(tf.math.is_finite(w))
+    w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), tf.constant(0.0, tf.float64))
     flags = tf.cast(tf.stack([x_finite, y_finite, w_finite]), tf.float64)
     return tf.concat([flags, [w_min]], axis=0)
 

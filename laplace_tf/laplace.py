@@ -43,6 +43,7 @@ class DiagonalLaplace(Laplace):
         prior_mean: Any = 0.0,
         sigma_noise: float | None = None,
         temperature: float = 1.0,
+        output: str | int | None = None,
     ):
         super().__init__(
             model,
@@ -54,6 +55,7 @@ class DiagonalLaplace(Laplace):
             prior_mean=prior_mean,
             sigma_noise=sigma_noise,
             temperature=temperature,
+            output=output,
         )
 
     @property

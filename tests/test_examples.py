@@ -126,3 +126,20 @@ def test_quickstart_code_runs_as_one_script(tmp_path):
     assert (tmp_path / "reliability.png").is_file()
     sigma = float(re.search(r"^sigma_noise: ([0-9.e+-]+)$", result.stdout, re.MULTILINE)[1])
     assert 0.05 < sigma < 0.5  # tuned from its start at 1.0 towards the true noise 0.1
+
+
+def test_tasks_page_runs_as_one_script(tmp_path):
+    """The python blocks of docs/tasks.md (weighted examples, per-token and per-pixel
+    outputs, a selected output), in order, run as one script and print what they claim."""
+    page = (EXAMPLES.parent / "docs" / "tasks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.DOTALL)
+    script = tmp_path / "tasks.py"
+    script.write_text("\n\n".join(blocks))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", MPLBACKEND="Agg")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "per-token probabilities: (3, 6, 4)" in result.stdout
+    assert "per-pixel mean and variance: (2, 8, 8, 1) (2, 8, 8, 1)" in result.stdout
+    assert "'logits/kernel'" in result.stdout and "aux" not in result.stdout.split("head:")[1]

@@ -289,3 +289,34 @@ def test_per_pixel_regression_predictions():
     assert mean.shape == var.shape == (N, 3, 3, 2)
     assert_close(np.reshape(var, (N, 9, 2)), expected, rtol=1e-8)
     assert_close(mean, model(x).numpy())
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_weighted_exact_hessian_equals_repeated_examples(structure):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((3,)), L.Dense(3, activation="tanh"), L.Dense(C)])
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(N, 3)), rng.integers(0, C, size=N)
+    weights = np.array([2.0, 1.0, 0.0, 1.0, 3.0, 1.0])
+    repeat = np.repeat(np.arange(N), weights.astype(int))
+    fits = []
+    for data in ((x, y, weights), (x[repeat], y[repeat])):
+        la = laplace_tf.Laplace(model, "classification", structure=structure, curvature="hessian")
+        fits.append(la.fit(data))
+    assert fits[0].n_data == fits[1].n_data == len(repeat)
+    assert_close(flat(fits[0].posterior_variance), flat(fits[1].posterior_variance), rtol=1e-9)
+
+
+def test_save_and_load_keep_output_and_weighted_counts(tmp_path):
+    model, *_ = two_heads()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(N, 4)), rng.integers(0, C, size=N)
+    la = laplace_tf.Laplace(model, "classification", structure="kron", output="logits")
+    la.fit((x, y, np.full(N, 0.25)))
+    la.save(tmp_path / "la")
+    loaded = laplace_tf.Laplace.load(tmp_path / "la", model)
+    assert loaded.output == "logits" and loaded.n_data == pytest.approx(N / 4)
+    assert_close(loaded.predict(x), la.predict(x))
+    assert_close(
+        np.asarray(loaded.log_marginal_likelihood()), np.asarray(la.log_marginal_likelihood())
+    )

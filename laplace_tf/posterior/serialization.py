@@ -136,6 +136,7 @@ def save(la: Laplace, path: str | os.PathLike) -> None:
         "temperature": la.temperature,
         "sigma_noise": la.sigma_noise,
         "full_size_limit": la.full_size_limit,
+        "output": la.output,
         "prior_precision": prior_precision,
         "prior_mean": prior_mean_entry,
         "fit": {
@@ -366,6 +367,7 @@ def _restore(
         prior_mean=prior_mean,
         sigma_noise=metadata["sigma_noise"],
         temperature=metadata["temperature"],
+        output=metadata.get("output"),
         **options,
     )
     if _shapes(_describe(la.variables)) != _shapes(metadata["weights"]):
