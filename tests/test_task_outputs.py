@@ -320,3 +320,32 @@ def test_save_and_load_keep_output_and_weighted_counts(tmp_path):
     assert_close(
         np.asarray(loaded.log_marginal_likelihood()), np.asarray(la.log_marginal_likelihood())
     )
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_accumulate_equals_one_fit_on_both_datasets(structure):
+    """Online Laplace: fit(accumulate=True) on a second dataset == one fit on both."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((4,)), L.Dense(5, activation="tanh"), L.Dense(C)])
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(2 * N, 4)), rng.integers(0, C, size=2 * N)
+    weights = rng.uniform(0.5, 2.0, size=2 * N)
+    online = laplace_tf.Laplace(model, "classification", structure=structure)
+    online.fit((x[:N], y[:N], weights[:N]))
+    online.fit((x[N:], y[N:], weights[N:]), accumulate=True)
+    once = laplace_tf.Laplace(model, "classification", structure=structure)
+    once.fit((x, y, weights))
+    assert online.n_data == pytest.approx(once.n_data, rel=1e-12)
+    assert online.record.loss == pytest.approx(once.record.loss, rel=1e-12)
+    assert_close(flat(online.posterior_variance), flat(once.posterior_variance), rtol=1e-9)
+    assert_close(
+        np.asarray(online.log_marginal_likelihood()),
+        np.asarray(once.log_marginal_likelihood()),
+        rtol=1e-9,
+    )
+    online.curvature = "ef"
+    with pytest.raises(RuntimeError):
+        online.fit((x[N:], y[N:]), accumulate=True)
+    fresh = laplace_tf.Laplace(model, "classification", structure=structure)
+    with pytest.raises(RuntimeError, match="needs a previous fit"):
+        fresh.fit((x, y), accumulate=True)

@@ -71,7 +71,7 @@ def test_classification_labels_outside_range_or_not_integers(data, labels, bad):
     y = y.astype("float32")
     y[21] = labels
     la = DiagonalLaplace(mlp(), "classification")
-    with pytest.raises(ValueError, match=r"integers in \[0, 3\)") as info:
+    with pytest.raises(ValueError, match=r"integer labels in \[0, 3\)") as info:
         la.fit((x, y), batch_size=16)
     assert "batch 1, example 5 (index 21 in the data)" in str(info.value)
     assert bad in str(info.value)

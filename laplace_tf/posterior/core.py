@@ -143,6 +143,7 @@ class Laplace(Configuration):
         progress: Callable[[int], None] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int | None = None,
+        accumulate: bool = False,
     ) -> Laplace:
         """Compute the curvature over ``data`` (one pass) and the MAP log-likelihood.
 
@@ -162,7 +163,18 @@ class Laplace(Configuration):
         non-convex loss, negative diagonal entries (``"full"``: eigenvalues) are set to 0
         with a warning (the posterior precision never drops below the prior's). A model
         built under a ``tf.distribute`` strategy is fitted across its replicas.
+
+        ``accumulate=True`` adds the curvature of ``data`` to the current fit (online
+        Laplace, e.g. a new task's data after fine-tuning): the curvatures, NLLs and counts
+        add up, the posterior mean becomes the current weights, and the result equals one
+        fit on both datasets at the current weights (for ``"kron"``, ``A`` is re-averaged
+        over all the examples). It needs a fit of the same configuration to add to.
         """
+        previous = None
+        if accumulate:
+            if self._record is None:
+                raise RuntimeError("fit(accumulate=True) needs a previous fit to add to.")
+            previous = self.record  # refuses a fit of another configuration
         likelihood = check_protocol(self._likelihood_object, self.curvature).unit_noise()
         fitted, summary = self._structure_cls.fit(
             self.network,
@@ -176,14 +188,25 @@ class Laplace(Configuration):
         )
         rows = summary.n_data if summary.n_rows is None else summary.n_rows
         loss = evidence.fitted_loss(likelihood, summary.nll, rows * summary.n_outputs)
+        n_data = summary.n_data
+        if previous is not None:
+            if previous.n_outputs != summary.n_outputs:
+                raise ValueError(
+                    f"fit(accumulate=True): the model now has {summary.n_outputs} outputs, the "
+                    f"previous fit {previous.n_outputs}."
+                )
+            fitted = previous.structure.merged(fitted, previous.n_data, summary.n_data)
+            loss += previous.loss
+            n_data += previous.n_data
+            rows += previous.n_data if previous.n_rows is None else previous.n_rows
         self._record = FitRecord(
             structure=fitted,
             **{k: v for k, v in self.fitted_settings().items() if k != "structure"},
             loss=loss,
-            n_data=summary.n_data,
+            n_data=n_data,
             n_outputs=summary.n_outputs,
             mean=tuple(tf.identity(unwrap_variable(v)) for v in self.variables),
-            n_rows=summary.n_rows,
+            n_rows=rows,
         )
         return self
 

@@ -117,6 +117,10 @@ class Diagonal:
         ]
         return tfd.JointDistributionSequential(parts)
 
+    def merged(self, other: Diagonal, n_self: float, n_other: float) -> Diagonal:
+        """The curvature of both fits' data: the diagonals add."""
+        return Diagonal(tuple(a + b for a, b in zip(self.curvature, other.curvature, strict=True)))
+
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``curvature_i``: the diagonal of weight ``i`` in its dtype."""
         return {f"curvature_{i}": h.numpy() for i, h in enumerate(self.curvature)}, {}

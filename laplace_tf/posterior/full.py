@@ -177,6 +177,10 @@ class Full:
         scale = _Op.LinearOperatorInversion(cholesky.adjoint())
         return tfd.MultivariateNormalLinearOperator(loc, scale)
 
+    def merged(self, other: Full, n_self: float, n_other: float) -> Full:
+        """The curvature of both fits' data: the matrices add."""
+        return Full(self.curvature + other.curvature, self.shapes, self.dtypes)
+
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``curvature``: the ``P x P`` matrix (float64)."""
         return {"curvature": self.curvature.numpy()}, {}

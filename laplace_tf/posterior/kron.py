@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import keras
@@ -184,7 +185,13 @@ _FACTORS = {"kron": KronFactor, "dense": DenseFactor, "diagonal": DiagonalFactor
 Factor = KronFactor | DenseFactor | DiagonalFactor
 
 
+def _recomposed(values: tf.Tensor, basis: tf.Tensor) -> tf.Tensor:
+    """``Q diag(l) Q^T``, float64."""
+    return tf.matmul(basis * values[None, :], basis, transpose_b=True)
+
+
 def _factor(block: reducers.Block, variable: Any) -> Factor:
+    """The eigendecomposed factor of ``block`` for ``variable`` (decomposed in its dtype)."""
     shape, dtype = tuple(variable.shape), _accumulation_dtype(variable.dtype)
     if isinstance(block, reducers.KroneckerBlock):
         inputs_values, inputs_basis = _eigh(block.inputs, dtype)
@@ -323,6 +330,42 @@ class Kron:
         blocks = [f.scale(e, loc.dtype) for f, e in zip(self.factors, eigenvalues, strict=True)]
         scale = _Op.LinearOperatorBlockDiag(blocks, is_square=True, is_non_singular=True)
         return tfd.MultivariateNormalLinearOperator(loc, scale)
+
+    def merged(self, other: Kron, n_self: float, n_other: float) -> Kron:
+        """The curvature of both fits' data, as one fit on them computes it: ``A`` is the
+        mean of the inputs' Grams, so ``(n_1 A_1 + n_2 A_2) / (n_1 + n_2)``; ``B``, the bias
+        blocks and the diagonals are sums. Each factor is recomposed from its
+        eigendecomposition, added and decomposed again."""
+        total = max(n_self + n_other, 1e-300)
+        factors: list[Factor] = []
+        for first, second, dtype in zip(self.factors, other.factors, self.dtypes, strict=True):
+            like = SimpleNamespace(shape=first.shape, dtype=dtype)  # what _factor reads
+            kernel = factors[-1] if factors else None
+            previous = self.factors[len(factors) - 1] if factors else None
+            if isinstance(first, KronFactor):
+                inputs = (
+                    n_self * _recomposed(first.inputs_values, first.inputs_basis)
+                    + n_other * _recomposed(second.inputs_values, second.inputs_basis)
+                ) / total
+                outputs = _recomposed(first.outputs_values, first.outputs_basis) + _recomposed(
+                    second.outputs_values, second.outputs_basis
+                )
+                factors.append(_factor(reducers.KroneckerBlock(inputs, outputs), like))
+            elif (
+                isinstance(first, DenseFactor)
+                and isinstance(previous, KronFactor)
+                and first.basis is previous.outputs_basis
+            ):  # a bias sharing its kernel's B: share the merged one
+                shared = DenseFactor(kernel.outputs_values, kernel.outputs_basis, first.shape)
+                factors.append(shared)
+            elif isinstance(first, DenseFactor):
+                matrix = _recomposed(first.values, first.basis) + _recomposed(
+                    second.values, second.basis
+                )
+                factors.append(_factor(reducers.DenseBlock(matrix), like))
+            else:
+                factors.append(DiagonalFactor(first.diagonal + second.diagonal, first.shape))
+        return Kron(tuple(factors), self.dtypes)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``block_{i}_{field}`` arrays (float64) and the block kinds."""

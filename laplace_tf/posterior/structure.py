@@ -81,6 +81,10 @@ class Structure(Protocol):
     ) -> tuple[Structure, FitSummary]:
         """Compute the curvature of ``variables`` over ``data`` in one pass."""
 
+    def merged(self, other: Structure, n_self: float, n_other: float) -> Structure:
+        """The curvature of both fits' data (``n_self`` and ``n_other`` weighted examples),
+        as one fit on them gives it (``fit(accumulate=True)``)."""
+
     def precision(self, prior: list[tf.Tensor], scaling: Scaling) -> Any:
         """The posterior precision in the structure's own form."""
 
