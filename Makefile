@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): one per core of a CI machine; `make test PYTEST_WORKERS=0`
+# runs in this process.
+PYTEST_WORKERS ?= 2
+PYTEST := TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: test test-slow demo docs lint bench clean
 
@@ -15,11 +19,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # The long cross-checks the default run leaves out (marked `slow`); CI runs them too.
 test-slow: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m slow tests
+	$(PYTEST) -m slow tests
 
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/laplace-tf demo --out demo_output

@@ -14,56 +14,39 @@ import textwrap
 import numpy as np
 import pytest
 
-WORKER = textwrap.dedent(
+#: The same script for the workers (TF_CONFIG set: under the strategy) and the single process.
+SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import contextlib, json, os
     import tensorflow as tf
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    distributed = "TF_CONFIG" in os.environ
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if distributed else None
     import keras
     import numpy as np
-    from laplace_tf import DiagonalLaplace
+    from laplace_tf import DiagonalLaplace, Laplace
 
     keras.config.set_floatx("float64")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(37, 4))
     y = rng.integers(0, 3, 37)
-    with strategy.scope():
+    weights = rng.uniform(0.5, 2.0, size=37)
+    with strategy.scope() if distributed else contextlib.nullcontext():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
         )
-    replicas = strategy.num_replicas_in_sync
     la = DiagonalLaplace(model, "classification").fit((x, y), batch_size=8)
+    kron = Laplace(model, "classification", structure="kron").fit((x, y, weights), batch_size=8)
     print(json.dumps({
-        "replicas": replicas,
+        "replicas": strategy.num_replicas_in_sync if distributed else 1,
         "curvature": [h.numpy().ravel().tolist() for h in la.curvature_diagonal()],
         "loss": float(la.log_likelihood()),
         "n_data": la.n_data,
-    }))
-    """
-)
-
-SINGLE = textwrap.dedent(
-    """
-    import json
-    import keras
-    import numpy as np
-    from laplace_tf import DiagonalLaplace
-
-    keras.config.set_floatx("float64")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(37, 4))
-    y = rng.integers(0, 3, 37)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)]
-    )
-    la = DiagonalLaplace(model, "classification").fit((x, y), batch_size=8)
-    print(json.dumps({
-        "curvature": [h.numpy().ravel().tolist() for h in la.curvature_diagonal()],
-        "loss": float(la.log_likelihood()),
-        "n_data": la.n_data,
+        "kron_n_data": kron.n_data,
+        "kron_variance": [v.numpy().ravel().tolist() for v in kron.posterior_variance],
+        "predict": np.asarray(la.predict(x[:5])).tolist(),
+        "kron_predict": np.asarray(kron.predict(x[:5], batch_size=2)).tolist(),
     }))
     """
 )
@@ -93,11 +76,13 @@ def _result(stdout: str) -> dict:
 
 
 def test_two_workers_equal_the_single_process_fit():
+    """Both workers get the single process' diagonal fit, a sample-weighted Kronecker fit,
+    and the same GLM predictions."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER],
+            [sys.executable, "-c", SCRIPT],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -117,7 +102,7 @@ def test_two_workers_equal_the_single_process_fit():
                 worker.kill()
                 worker.communicate()
     single = subprocess.run(
-        [sys.executable, "-c", SINGLE], capture_output=True, text=True, timeout=240, env=_env()
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=240, env=_env()
     )
     assert single.returncode == 0, single.stderr[-3000:]
     expected = _result(single.stdout)
@@ -127,3 +112,10 @@ def test_two_workers_equal_the_single_process_fit():
         assert output["loss"] == pytest.approx(expected["loss"], rel=1e-12)
         for got, reference in zip(output["curvature"], expected["curvature"], strict=True):
             np.testing.assert_allclose(got, reference, rtol=1e-12, atol=1e-300)
+        # a weighted Kronecker fit, and predictions of both, under the strategy
+        assert output["kron_n_data"] == pytest.approx(expected["kron_n_data"], rel=1e-12)
+        for key in ("kron_variance",):
+            for got, reference in zip(output[key], expected[key], strict=True):
+                np.testing.assert_allclose(got, reference, rtol=1e-10)
+        for key in ("predict", "kron_predict"):
+            np.testing.assert_allclose(output[key], expected[key], rtol=1e-10)
