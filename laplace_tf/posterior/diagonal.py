@@ -12,7 +12,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.curvature.structured import fit_diagonal, glm_moments
+from laplace_tf.curvature.structured import (
+    _covariance_step,
+    _model_variables,
+    fit_diagonal,
+    glm_moments,
+)
 from laplace_tf.posterior.structure import FitSummary, Scaling
 
 tfd = tfp.distributions
@@ -132,6 +137,17 @@ class Diagonal:
                 raise ValueError(f"the stored curvature for {v.path} does not match its shape.")
             curvature.append(tf.constant(h))
         return cls(tuple(curvature))
+
+    def glm_step(
+        self, model: keras.Model, variables: list, prior: list[tf.Tensor], scaling: Scaling
+    ) -> tuple[Callable, list[tf.Tensor]]:
+        """A compiled ``(x, tensors) -> (f(x), J Sigma J^T)`` and its ``tensors`` (the
+        posterior variances, in the weights' dtypes): :meth:`glm_moments` for one batch,
+        with the posterior computed once (what an exported predictive calls)."""
+        variables = _model_variables(model, variables)
+        variance = self.variance(prior, scaling)
+        variance = [tf.cast(s, v.dtype) for s, v in zip(variance, variables, strict=True)]
+        return _covariance_step(model, variables), variance
 
 
 def _clip_negative(curvature: list[tf.Tensor]) -> list[tf.Tensor]:

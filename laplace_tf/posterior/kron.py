@@ -343,3 +343,15 @@ class Kron:
             fields = [tf.constant(arrays[f"block_{i}_{name}"]) for name in factor_cls.fields]
             factors.append(factor_cls(*fields, tuple(v.shape)))
         return cls(tuple(factors), tuple(v.dtype for v in variables))
+
+    def glm_step(
+        self, model: keras.Model, variables: list, prior: list[tf.Tensor], scaling: Scaling
+    ) -> tuple[Callable, list[list[tf.Tensor]]]:
+        """A compiled ``(x, tensors) -> (f(x), J Sigma J^T)`` and its ``tensors`` (each
+        block's eigenbases and inverse eigenvalues): :meth:`glm_moments` for one batch,
+        with the posterior computed once (what an exported predictive calls)."""
+        eigenvalues = self._eigenvalues(prior, scaling)
+        covariances = [f.covariance(e) for f, e in zip(self.factors, eigenvalues, strict=True)]
+        variables = glm._model_variables(model, variables)
+        step = glm._kron_covariance_step(model, variables, glm._shared_bases(covariances))
+        return step, [glm._covariance_tensors(c) for c in covariances]
