@@ -28,6 +28,7 @@ from laplace_tf.posterior.configuration import Configuration
 from laplace_tf.posterior.diagonal import Diagonal
 from laplace_tf.posterior.export import PredictiveModel
 from laplace_tf.posterior.full import DEFAULT_SIZE_LIMIT
+from laplace_tf.posterior.penalty import Penalty
 from laplace_tf.posterior.prior import PriorPrecision
 from laplace_tf.posterior.record import FitRecord
 
@@ -463,3 +464,10 @@ class Laplace(Configuration):
             input_signature=input_signature,
             chunk_size=chunk_size,
         )
+
+    def penalty(self) -> Penalty:
+        """The posterior as a training penalty ``() -> 1/2 (theta - mu)^T Lambda (theta - mu)``
+        over the selected weights (see :class:`~laplace_tf.posterior.penalty.Penalty`):
+        EWC for ``"diag"``, the Kronecker-factored quadratic for ``"kron"``. Divide it by
+        the new task's example count when adding it to a Keras (mean) loss."""
+        return Penalty(self)

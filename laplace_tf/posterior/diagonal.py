@@ -149,6 +149,23 @@ class Diagonal:
         variance = [tf.cast(s, v.dtype) for s, v in zip(variance, variables, strict=True)]
         return _covariance_step(model, variables), variance
 
+    def quadratic(
+        self, prior: list[tf.Tensor], scaling: Scaling
+    ) -> Callable[[list[tf.Tensor]], tf.Tensor]:
+        """``d -> sum_p precision_p d_p^2`` over deviations ``d`` shaped like the weights,
+        in their dtype, the precision computed once (the EWC penalty's form)."""
+        precision = self.precision(prior, scaling)
+
+        def quadratic(deviations: list[tf.Tensor]) -> tf.Tensor:
+            return tf.add_n(
+                [
+                    tf.reduce_sum(tf.cast(p, d.dtype) * tf.square(d))
+                    for p, d in zip(precision, deviations, strict=True)
+                ]
+            )
+
+        return quadratic
+
 
 def _clip_negative(curvature: list[tf.Tensor]) -> list[tf.Tensor]:
     """The exact Hessian diagonal of a non-convex loss can be negative; a negative entry
