@@ -104,11 +104,13 @@ class PredictiveModel(tf.Module):
             summary = _trace_summary(model, la.variables, example)
             chunk_size = max(1, PREDICT_ENTRIES // summary.entries_per_example)
         self.chunk_size = positive_int("chunk_size", chunk_size)
+        self._dtype = spec.dtype
         self.serve = tf.function(self._serve, input_signature=[spec], autograph=False)
 
     def __call__(self, x: Any) -> dict[str, tf.Tensor]:
-        """The predictive at ``x``: ``{"probabilities"}`` or ``{"mean", "variance"}``."""
-        return self.serve(x)
+        """The predictive at ``x`` (cast to the input dtype): ``{"probabilities"}`` or
+        ``{"mean", "variance"}``."""
+        return self.serve(tf.cast(x, self._dtype))
 
     def _serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, covariance = self._moments(x)
