@@ -93,7 +93,9 @@ class PredictiveModel(tf.Module):
         step, tensors = record.structure.glm_step(
             model, la.variables, la._prior.per_weight(), la._scaling(None)
         )
+        self._setattr_tracking = False  # the step is part of `serve`, not a saved function
         self._step = step
+        self._setattr_tracking = True
         self.network_variables = [unwrap_variable(v) for v in model.variables]
         self.posterior = tf.nest.map_structure(
             lambda t: tf.Variable(t, trainable=False, name="posterior"), tensors
@@ -102,7 +104,11 @@ class PredictiveModel(tf.Module):
         if chunk_size is None:
             example = tf.zeros([1, *spec.shape[1:]], spec.dtype)
             summary = _trace_summary(model, la.variables, example)
-            chunk_size = max(1, PREDICT_ENTRIES // summary.entries_per_example)
+            # "full" holds a dense Jacobian row per output column, as predict_chunks counts
+            rows = sum(v.shape.num_elements() for v in la.variables)
+            rows = rows if record.structure.name == "full" else 0
+            entries = summary.entries_per_example + summary.width * rows
+            chunk_size = max(1, PREDICT_ENTRIES // entries)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         self._dtype = spec.dtype
         self.serve = tf.function(self._serve, input_signature=[spec], autograph=False)
