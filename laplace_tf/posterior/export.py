@@ -120,20 +120,29 @@ class PredictiveModel(tf.Module):
 
     def _serve(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, covariance = self._moments(x)
+        width, lead = mean.shape[-1], tf.shape(mean)[:-1]  # [N] or [N, *positions]
         outputs = self._likelihood.glm_predictive(
-            mean,
-            covariance,
+            tf.reshape(mean, [-1, width]),
+            tf.reshape(covariance, [-1, width, width]),
             link_approx=self._link_approx,
             n_samples=1,
             seed=None,
             sigma_noise=self._sigma_noise,
         )
+        positions = mean.shape[1:-1]
+
+        def unfold(rows: tf.Tensor) -> tf.Tensor:
+            unfolded = tf.reshape(rows, tf.concat([lead, tf.shape(rows)[1:]], axis=0))
+            return tf.ensure_shape(unfolded, [None, *positions, *rows.shape[1:]])
+
+        outputs = tf.nest.map_structure(unfold, outputs)
         if isinstance(outputs, tuple):
             return {"mean": outputs[0], "variance": outputs[1]}
         return {"probabilities": outputs}
 
     def _moments(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``f(x)`` and ``J Sigma J^T``, ``chunk_size`` examples at a time."""
+        """``f(x)`` and ``J Sigma J^T``, ``chunk_size`` examples at a time (the link reads
+        them as rows, so outputs with positions ``[N, ..., C]`` are served per position)."""
         tensors = tf.nest.map_structure(tf.convert_to_tensor, self.posterior)
         count = tf.shape(x)[0]
         chunk = tf.constant(self.chunk_size, count.dtype)
@@ -152,9 +161,8 @@ class PredictiveModel(tf.Module):
             body,
             (tf.constant(1, count.dtype), means.write(0, head_mean), covs.write(0, head_cov)),
         )
-        width = head_mean.shape[-1]
-        mean = tf.ensure_shape(means.concat(), [None, width])
-        return mean, tf.ensure_shape(covs.concat(), [None, width, width])
+        mean = tf.ensure_shape(means.concat(), [None, *head_mean.shape[1:]])
+        return mean, tf.ensure_shape(covs.concat(), [None, *head_cov.shape[1:]])
 
     def export(self, path: str | os.PathLike) -> None:
         """Write a SavedModel to ``path`` with the ``serving_default`` (and ``serve``)
