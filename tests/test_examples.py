@@ -61,6 +61,20 @@ EXPECTED: dict[str, tuple[dict[str, bool], list[str]]] = {
         },
         ["predictive_samples.npz", "predictive_sampling.png"],
     ),
+    "continual.py": ({"penalty forgets less than fine-tuning": True}, []),
+    "evidence_weight_decay.py": (
+        {"evidence test accuracy within 1.5 points of the best fixed decay": True},
+        [],
+    ),
+    "poisson_likelihood.py": (
+        {
+            "poisson curvature matches a dense reference": True,
+            "poisson gradient matches autodiff": True,
+            "predicted rates positive and finite": True,
+            "model weights unchanged": True,
+        },
+        [],
+    ),
 }
 #: Each script is a subprocess of 10-80 s: ``make test-slow`` (and CI) runs them; the
 #: default run keeps the coverage check and the quickstart (one script of the docs).

@@ -26,8 +26,10 @@ from laplace_tf.likelihoods import Likelihood, check_protocol
 from laplace_tf.posterior import evidence, prediction, serialization, tuning
 from laplace_tf.posterior.configuration import Configuration
 from laplace_tf.posterior.diagonal import Diagonal
+from laplace_tf.posterior.export import PredictiveModel
 from laplace_tf.posterior.full import DEFAULT_SIZE_LIMIT
 from laplace_tf.posterior.outputs import selected_output
+from laplace_tf.posterior.penalty import Penalty
 from laplace_tf.posterior.prior import PriorPrecision
 from laplace_tf.posterior.record import FitRecord
 
@@ -474,3 +476,34 @@ class Laplace(Configuration):
         return prediction.predictive_samples(
             self, x, n_samples, pred_type=pred_type, seed=seed, batch_size=batch_size
         )
+
+    # -- export and continual learning -------------------------------------------------------
+
+    def predictive_model(
+        self,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        include_noise: bool = True,
+        *,
+        input_signature: tf.TensorSpec | None = None,
+        chunk_size: int | None = None,
+    ) -> PredictiveModel:
+        """The GLM predictive as a servable ``tf.Module`` (see
+        :class:`~laplace_tf.posterior.export.PredictiveModel`): ``module(x)`` equals
+        :meth:`predict` (as a dict), and ``module.export(path)`` writes a SavedModel that
+        TensorFlow alone loads and serves."""
+        return PredictiveModel(
+            self,
+            pred_type=pred_type,
+            link_approx=link_approx,
+            include_noise=include_noise,
+            input_signature=input_signature,
+            chunk_size=chunk_size,
+        )
+
+    def penalty(self) -> Penalty:
+        """The posterior as a training penalty ``() -> 1/2 (theta - mu)^T Lambda (theta - mu)``
+        over the selected weights (see :class:`~laplace_tf.posterior.penalty.Penalty`):
+        EWC for ``"diag"``, the Kronecker-factored quadratic for ``"kron"``. Divide it by
+        the new task's example count when adding it to a Keras (mean) loss."""
+        return Penalty(self)

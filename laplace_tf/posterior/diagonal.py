@@ -12,7 +12,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from laplace_tf.curvature.structured import fit_diagonal, glm_moments
+from laplace_tf.curvature.structured import (
+    _covariance_step,
+    _model_variables,
+    fit_diagonal,
+    glm_moments,
+)
 from laplace_tf.posterior.structure import FitSummary, Scaling
 
 tfd = tfp.distributions
@@ -136,6 +141,34 @@ class Diagonal:
                 raise ValueError(f"the stored curvature for {v.path} does not match its shape.")
             curvature.append(tf.constant(h))
         return cls(tuple(curvature))
+
+    def glm_step(
+        self, model: keras.Model, variables: list, prior: list[tf.Tensor], scaling: Scaling
+    ) -> tuple[Callable, list[tf.Tensor]]:
+        """A compiled ``(x, tensors) -> (f(x), J Sigma J^T)`` and its ``tensors`` (the
+        posterior variances, in the weights' dtypes): :meth:`glm_moments` for one batch,
+        with the posterior computed once (what an exported predictive calls)."""
+        variables = _model_variables(model, variables)
+        variance = self.variance(prior, scaling)
+        variance = [tf.cast(s, v.dtype) for s, v in zip(variance, variables, strict=True)]
+        return _covariance_step(model, variables), variance
+
+    def quadratic(
+        self, prior: list[tf.Tensor], scaling: Scaling
+    ) -> Callable[[list[tf.Tensor]], tf.Tensor]:
+        """``d -> sum_p precision_p d_p^2`` over deviations ``d`` shaped like the weights,
+        in their dtype, the precision computed once (the EWC penalty's form)."""
+        precision = self.precision(prior, scaling)
+
+        def quadratic(deviations: list[tf.Tensor]) -> tf.Tensor:
+            return tf.add_n(
+                [
+                    tf.reduce_sum(tf.cast(p, d.dtype) * tf.square(d))
+                    for p, d in zip(precision, deviations, strict=True)
+                ]
+            )
+
+        return quadratic
 
 
 def _clip_negative(curvature: list[tf.Tensor]) -> list[tf.Tensor]:

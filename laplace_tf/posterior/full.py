@@ -201,6 +201,28 @@ class Full:
             tuple(v.dtype for v in variables),
         )
 
+    def glm_step(
+        self, model: keras.Model, variables: list, prior: list[tf.Tensor], scaling: Scaling
+    ) -> tuple[Callable, tf.Tensor]:
+        """A compiled ``(x, L) -> (f(x), J Sigma J^T)`` and ``L``, the Cholesky factor of
+        the precision: :meth:`glm_moments` for one batch, with ``L`` computed once (what
+        an exported predictive calls)."""
+        variables = glm._model_variables(model, variables)
+        return glm._full_covariance_step(model, variables), self.cholesky(prior, scaling)
+
+    def quadratic(
+        self, prior: list[tf.Tensor], scaling: Scaling
+    ) -> Callable[[list[tf.Tensor]], tf.Tensor]:
+        """``d -> d^T Lambda d`` with ``d`` the deviations flattened and concatenated in
+        order, in their dtype, the ``P x P`` precision ``Lambda`` formed once."""
+        precision = self.precision(prior, scaling)
+
+        def quadratic(deviations: list[tf.Tensor]) -> tf.Tensor:
+            flat = flat_mean(deviations)
+            return tf.tensordot(flat, tf.linalg.matvec(tf.cast(precision, flat.dtype), flat), 1)
+
+        return quadratic
+
 
 def _clip_indefinite(hessian: tf.Tensor) -> tf.Tensor:
     """The Hessian of a non-convex loss can be indefinite, and ``H / T + delta`` then not

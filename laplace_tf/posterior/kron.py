@@ -386,3 +386,47 @@ class Kron:
             fields = [tf.constant(arrays[f"block_{i}_{name}"]) for name in factor_cls.fields]
             factors.append(factor_cls(*fields, tuple(v.shape)))
         return cls(tuple(factors), tuple(v.dtype for v in variables))
+
+    def glm_step(
+        self, model: keras.Model, variables: list, prior: list[tf.Tensor], scaling: Scaling
+    ) -> tuple[Callable, list[list[tf.Tensor]]]:
+        """A compiled ``(x, tensors) -> (f(x), J Sigma J^T)`` and its ``tensors`` (each
+        block's eigenbases and inverse eigenvalues): :meth:`glm_moments` for one batch,
+        with the posterior computed once (what an exported predictive calls)."""
+        eigenvalues = self._eigenvalues(prior, scaling)
+        covariances = [f.covariance(e) for f, e in zip(self.factors, eigenvalues, strict=True)]
+        variables = glm._model_variables(model, variables)
+        step = glm._kron_covariance_step(model, variables, glm._shared_bases(covariances))
+        return step, [glm._covariance_tensors(c) for c in covariances]
+
+    def quadratic(
+        self, prior: list[tf.Tensor], scaling: Scaling
+    ) -> Callable[[list[tf.Tensor]], tf.Tensor]:
+        """``d -> sum_blocks vec(d)^T Lambda_b vec(d)`` in each block's eigenbasis, never a
+        ``P x P`` matrix: for a kernel ``sum_ij e_ij (Q_A^T D Q_B)_ij^2`` with ``D`` the
+        deviation ``[I, J]`` (row-major ``vec``, ``A`` on the inputs), which equals
+        ``sum (A' D B') * D`` for the precision ``A' (x) B'``; a dense block
+        ``sum_k e_k (Q^T d)_k^2``; a diagonal one ``sum e d^2``. In the deviations' dtype."""
+        eigenvalues = self._eigenvalues(prior, scaling)
+        blocks = list(zip(self.factors, eigenvalues, strict=True))
+
+        def quadratic(deviations: list[tf.Tensor]) -> tf.Tensor:
+            terms = []
+            for (factor, values), d in zip(blocks, deviations, strict=True):
+                values = tf.cast(values, d.dtype)
+                if isinstance(factor, KronFactor):
+                    d = tf.reshape(d, factor.noise_shape)
+                    q_a, q_b = (
+                        tf.cast(q, d.dtype) for q in (factor.inputs_basis, factor.outputs_basis)
+                    )
+                    projected = tf.matmul(tf.matmul(q_a, d, transpose_a=True), q_b)
+                elif isinstance(factor, DenseFactor):
+                    projected = tf.linalg.matvec(
+                        tf.cast(factor.basis, d.dtype), tf.reshape(d, [-1]), transpose_a=True
+                    )
+                else:
+                    projected = tf.reshape(d, values.shape)
+                terms.append(tf.reduce_sum(values * tf.square(projected)))
+            return tf.add_n(terms)
+
+        return quadratic
