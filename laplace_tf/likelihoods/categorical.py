@@ -34,6 +34,7 @@ class Classification(Likelihood):
         return tf.reduce_sum(self.nll_rows(f, y))
 
     def nll_rows(self, f, y):
+        y = tf.convert_to_tensor(y)
         return _by_target_form(
             f,
             y,
@@ -48,6 +49,7 @@ class Classification(Likelihood):
 
     def loss_gradient(self, f, y):
         p = tf.nn.softmax(f, axis=-1)
+        y = tf.convert_to_tensor(y)
         return _by_target_form(
             f,
             y,
@@ -103,6 +105,7 @@ class Classification(Likelihood):
     def invalid_targets(self, y, n_outputs):
         """Labels: those that are not integers in ``[0, C)``. Rows of probabilities: those
         with an entry outside ``[0, 1]`` or a sum off 1 by more than :data:`ROW_TOLERANCE`."""
+        y = tf.convert_to_tensor(y)
         if not _holds_rows_shape(y.shape, n_outputs):
             return super().invalid_targets(y, n_outputs)
         rows = tf.cast(y, tf.float64)
@@ -230,6 +233,7 @@ def _by_target_form(
     """``rows()`` when ``y`` holds a row of class probabilities per example (``[N, C]``,
     ``C > 1``), ``labels()`` when it holds integer labels; decided from the static shapes
     when they are known, otherwise at run time (a step traced for several shapes)."""
+    y = tf.convert_to_tensor(y)
     width = f.shape[-1]
     if width is not None and y.shape.rank is not None and None not in y.shape[1:]:
         return rows() if _holds_rows_shape(y.shape, width) else labels()
