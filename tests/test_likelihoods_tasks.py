@@ -14,6 +14,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import keras
@@ -37,7 +42,9 @@ from laplace_tf.likelihoods import (
 L = keras.layers
 N = 12
 DELTA = 0.7
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "poisson_likelihood.py"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "poisson_likelihood.py"
+PAGE = ROOT / "docs" / "likelihoods.md"
 #: The batch checker asks the likelihood which targets are invalid (rather than reading
 #: integer label ranges only): soft labels pass it.
 CHECKER_READS_INVALID_TARGETS = "invalid_targets" in inspect.getsource(BatchChecker)
@@ -417,8 +424,10 @@ def test_heteroscedastic_target_shapes():
 def poisson():
     spec = importlib.util.spec_from_file_location("poisson_likelihood", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # for inspect.getsource
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 def test_the_poisson_example_matches_the_dense_reference(poisson):
@@ -443,3 +452,27 @@ def test_the_poisson_example_matches_the_dense_reference(poisson):
         likelihood.invalid_targets(tf.constant([[1.0], [0.5], [-1.0], [3.0]]), 1),
         [False, True, True, False],
     )
+
+
+def page_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.DOTALL)
+
+
+def test_the_docs_poisson_class_is_the_example_script_s(poisson):
+    (block,) = [b for b in page_blocks() if b.startswith("class PoissonLikelihood")]
+    source = textwrap.dedent(inspect.getsource(poisson.PoissonLikelihood))
+    assert block.strip() == source.strip()
+
+
+@pytest.mark.slow
+def test_the_likelihoods_page_code_runs_as_one_script(tmp_path):
+    """The python blocks of docs/likelihoods.md (multilabel, one-hot, heteroscedastic,
+    Poisson), in order, run as one script."""
+    script = tmp_path / "likelihoods_page.py"
+    script.write_text("\n\n".join(page_blocks()))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'ece'" in result.stdout and "kron" in result.stdout
