@@ -476,3 +476,22 @@ def test_the_likelihoods_page_code_runs_as_one_script(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'ece'" in result.stdout and "kron" in result.stdout
+
+
+def test_classification_tells_labels_from_rows_when_the_shapes_are_unknown():
+    """A step traced with ``reduce_retracing`` may see targets of unknown rank: the form is
+    then decided at run time, with the same results as from static shapes."""
+    likelihood = Classification()
+    unknown = (tf.TensorSpec([None, 3], tf.float64), tf.TensorSpec(None, tf.float64))
+    rules = tf.function(
+        lambda f, y: (likelihood.nll_rows(f, y), likelihood.loss_gradient(f, y)),
+        input_signature=unknown,
+    )
+    f = tf.constant(np.random.default_rng(12).normal(size=(N, 3)))
+    _, _, soft = soft_case()
+    labels = np.random.default_rng(13).integers(0, 3, size=N).astype("float64")
+    for y in (soft, labels, labels[:, None], np.eye(3)[labels.astype(int)]):
+        traced = rules(f, tf.constant(y))
+        eager = (likelihood.nll_rows(f, y), likelihood.loss_gradient(f, y))
+        for got, expected in zip(traced, eager, strict=True):
+            assert_close(got, expected)
