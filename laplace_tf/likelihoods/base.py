@@ -1,4 +1,4 @@
-"""Likelihoods: every likelihood-specific rule, behind one protocol.
+"""The likelihood protocol: every likelihood-specific rule, behind one base class.
 
 A :class:`Likelihood` object is what the curvature engine and the
 :class:`~laplace_tf.Laplace` core ask about the likelihood; neither switches on its name,
