@@ -5,6 +5,12 @@ Pure numpy functions of probabilities ``[N, C]`` (rows summing to one) and integ
 as the two columns ``[1 - p, p]``. Numpy arrays and TensorFlow tensors are accepted.
 Calibration follows Guo et al. (2017): equal-width bins ``(lo, hi]`` on the top-label
 confidence, the first bin closed at 0.
+
+Multi-label predictives (``C`` independent probabilities ``P(y_c = 1)`` per example,
+``[N, C]`` rows that need not sum to one, with ``[N, C]`` 0 / 1 targets) have their own
+``multilabel_*`` metrics and :func:`per_class_nll`; their calibration error is the
+classwise ECE of Kull et al. (2019): the binary ECE of each class's ``P(y_c = 1)`` against
+the frequency of ``y_c = 1`` in the same bins, averaged over the classes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from scipy.stats import rankdata
 from laplace_tf._checks import positive_float, positive_int
 
 METRICS = ("accuracy", "nll", "ece", "brier")
+MULTILABEL_METRICS = ("accuracy", "nll", "ece", "brier")
 OOD_SCORES = ("max_prob", "entropy")
 
 _RANGE_TOLERANCE = 1e-6
@@ -171,6 +178,63 @@ def _reliability(probs: np.ndarray, y: np.ndarray, n_bins: int) -> ReliabilityCu
     return ReliabilityCurve(edges, mean_confidence, mean_accuracy, counts)
 
 
+# -- multi-label -----------------------------------------------------------------------------
+
+
+def per_class_nll(probs: Any, y: Any, eps: float = 1e-12) -> np.ndarray:
+    """``[C]``: each class's mean Bernoulli NLL
+    ``-1/N sum_n [y_nc log p_nc + (1 - y_nc) log(1 - p_nc)]`` (probabilities clipped at ``eps``)."""
+    eps = positive_float("eps", eps)
+    return _per_class_nll(*_checked_multilabel(probs, y), eps)
+
+
+def multilabel_nll(probs: Any, y: Any, eps: float = 1e-12) -> float:
+    """Mean over examples of the Bernoulli NLL summed over the classes (the sum of
+    :func:`per_class_nll`; ``Multilabel.predictive_nll``)."""
+    return float(np.sum(per_class_nll(probs, y, eps)))
+
+
+def multilabel_ece(probs: Any, y: Any, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al., 2019): ``1/C sum_c sum_b |B_cb| / N |freq_cb - conf_cb|``,
+    with ``n_bins`` equal-width bins ``(lo, hi]`` on ``p_nc``, ``conf_cb`` the mean ``p_nc`` and
+    ``freq_cb`` the fraction of ``y_nc = 1`` in bin ``b`` of class ``c``."""
+    n_bins = positive_int("n_bins", n_bins)
+    return _classwise_ece(*_checked_multilabel(probs, y), n_bins)
+
+
+def evaluate_multilabel(probs: Any, y: Any, n_bins: int = 15) -> dict[str, float]:
+    """The metrics named in :data:`MULTILABEL_METRICS`, keyed by name: ``accuracy`` the
+    fraction of correct per-class decisions at 0.5 (one minus the Hamming loss), ``nll``
+    :func:`multilabel_nll`, ``ece`` :func:`multilabel_ece`, ``brier``
+    ``1/N sum_n sum_c (p_nc - y_nc)^2``."""
+    n_bins = positive_int("n_bins", n_bins)
+    probs, y = _checked_multilabel(probs, y)
+    return {
+        "accuracy": float(np.mean((probs > 0.5) == (y == 1))),
+        "nll": float(np.sum(_per_class_nll(probs, y, 1e-12))),
+        "ece": _classwise_ece(probs, y, n_bins),
+        "brier": float(np.mean(np.sum((probs - y) ** 2, axis=1))),
+    }
+
+
+def _per_class_nll(probs: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
+    picked = np.where(y == 1, probs, 1.0 - probs)
+    return -np.mean(np.log(np.maximum(picked, eps)), axis=0)
+
+
+def _classwise_ece(probs: np.ndarray, y: np.ndarray, n_bins: int) -> float:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    gaps = []
+    for p, positive in zip(probs.T, y.T, strict=True):
+        bins = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, n_bins - 1)
+        counts = np.bincount(bins, minlength=n_bins)
+        filled = counts > 0
+        confidence = np.bincount(bins, p, n_bins)[filled] / counts[filled]
+        frequency = np.bincount(bins, positive, n_bins)[filled] / counts[filled]
+        gaps.append(np.sum(counts[filled] / len(p) * np.abs(frequency - confidence)))
+    return float(np.mean(gaps))
+
+
 # -- input checks ----------------------------------------------------------------------------
 
 
@@ -240,3 +304,26 @@ def _label_probs(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _entropy(probs: np.ndarray) -> np.ndarray:
     logs = np.log(np.where(probs > 0, probs, 1.0))
     return -np.sum(probs * logs, axis=1)
+
+
+def _checked_multilabel(probs: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class probabilities and 0 / 1 targets as float64 ``[N, C]`` arrays (``[N]``
+    read as one class); rows need not sum to one."""
+    probs = np.asarray(probs)
+    if not (np.issubdtype(probs.dtype, np.floating) or np.issubdtype(probs.dtype, np.integer)):
+        raise ValueError(f"probs must hold real numbers, got dtype {probs.dtype}.")
+    probs = probs.astype(np.float64)
+    probs = probs[:, None] if probs.ndim == 1 else probs
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"probs must have shape [N, C] with N > 0, got {probs.shape}.")
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("probs contains non-finite values.")
+    if np.any(probs < -_RANGE_TOLERANCE) or np.any(probs > 1.0 + _RANGE_TOLERANCE):
+        raise ValueError(f"probs must lie in [0, 1], got values in [{probs.min()}, {probs.max()}].")
+    y = np.asarray(y)
+    y = y.reshape(probs.shape) if y.size == probs.size and y.ndim <= 2 else y
+    if y.shape != probs.shape:
+        raise ValueError(f"y must have the shape of probs {probs.shape}, got {y.shape}.")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("y must hold multi-label targets 0 or 1.")
+    return np.clip(probs, 0.0, 1.0), y.astype(np.float64)

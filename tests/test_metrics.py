@@ -331,3 +331,61 @@ def test_invalid_eps_score_and_ood_inputs():
         metrics.ood_auroc(PROBS, PROBS, score="margin")
     with pytest.raises(ValueError, match="probs_out rows must sum to 1"):
         metrics.ood_auroc(PROBS, PROBS * 0.5)
+
+
+# -- multi-label -----------------------------------------------------------------------------
+# Four examples, two classes, two bins (0, .5], (.5, 1] on each class's P(y_c = 1):
+#   class 0: p = .2 .4 .7 .9, y = 0 1 1 1: low bin conf .3 freq .5, high conf .8 freq 1:
+#            ECE_0 = .5 * .2 + .5 * .2 = .2
+#   class 1: p = .1 .6 .6 .3, y = 0 0 1 0: low bin conf .2 freq 0, high conf .6 freq .5:
+#            ECE_1 = .5 * .2 + .5 * .1 = .15;  classwise ECE = .175
+# Brier per example: .04 + .01, .36 + .36, .09 + .16, .01 + .09: mean 1.12 / 4 = .28
+# Decisions at .5: class 0 3/4 correct, class 1 3/4 correct: accuracy .75
+MULTI_PROBS = np.array([[0.2, 0.1], [0.4, 0.6], [0.7, 0.6], [0.9, 0.3]])
+MULTI_Y = np.array([[0, 0], [1, 0], [1, 1], [1, 0]])
+PER_CLASS_NLL = np.array(
+    [
+        -(math.log(0.8) + math.log(0.4) + math.log(0.7) + math.log(0.9)) / 4,
+        -(math.log(0.9) + math.log(0.4) + math.log(0.6) + math.log(0.7)) / 4,
+    ]
+)
+
+
+def test_multilabel_metrics_by_hand():
+    np.testing.assert_allclose(metrics.per_class_nll(MULTI_PROBS, MULTI_Y), PER_CLASS_NLL)
+    assert math.isclose(metrics.multilabel_nll(MULTI_PROBS, MULTI_Y), PER_CLASS_NLL.sum())
+    assert math.isclose(metrics.multilabel_ece(MULTI_PROBS, MULTI_Y, n_bins=2), 0.175)
+    scores = metrics.evaluate_multilabel(MULTI_PROBS, MULTI_Y, n_bins=2)
+    assert set(scores) == set(metrics.MULTILABEL_METRICS)
+    expected = {"accuracy": 0.75, "nll": PER_CLASS_NLL.sum(), "ece": 0.175, "brier": 0.28}
+    for name, value in expected.items():
+        assert math.isclose(scores[name], value, rel_tol=1e-12), name
+
+
+def test_per_class_nll_is_each_class_binary_nll():
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.01, 0.99, size=(50, 4))
+    y = rng.integers(0, 2, size=(50, 4))
+    per_class = metrics.per_class_nll(probs, y)
+    for c in range(4):
+        assert math.isclose(per_class[c], metrics.nll(probs[:, c], y[:, c]), rel_tol=1e-12)
+
+
+def test_multilabel_ece_is_zero_when_each_bin_frequency_matches_its_confidence():
+    probs = np.repeat([[0.25, 0.75]], 4, axis=0)
+    y = np.array([[1, 1], [0, 1], [0, 1], [0, 0]])
+    assert metrics.multilabel_ece(probs, y, n_bins=4) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("probs", "y", "message"),
+    [
+        (MULTI_PROBS, MULTI_Y[:, :1], r"y must have the shape of probs \(4, 2\)"),
+        (MULTI_PROBS, MULTI_Y * 2, "y must hold multi-label targets 0 or 1"),
+        (MULTI_PROBS * 2, MULTI_Y, r"probs must lie in \[0, 1\]"),
+        (np.zeros((0, 2)), np.zeros((0, 2)), r"probs must have shape \[N, C\] with N > 0"),
+    ],
+)
+def test_multilabel_invalid_inputs(probs, y, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.evaluate_multilabel(probs, y)

@@ -201,5 +201,6 @@ def test_a_user_classifier_with_default_rules_predicts_by_monte_carlo():
     close(user.predict(x, **nn), built_in.predict(x, **nn))
     with pytest.raises(ValueError, match="link_approx='probit' is not defined for the minimal"):
         user.predict(x)
-    with pytest.raises(ValueError, match=r"targets must be integer labels in \[0, 3\) for the minimal"):
+    message = r"targets must be integer labels in \[0, 3\) for the minimal"
+    with pytest.raises(ValueError, match=message):
         user.fit((x, np.where(np.arange(20) == 7, 5, y)))

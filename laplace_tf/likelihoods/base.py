@@ -1,4 +1,4 @@
-"""Likelihoods: every likelihood-specific rule, behind one protocol.
+"""The likelihood protocol: every likelihood-specific rule, behind one base class.
 
 A :class:`Likelihood` object is what the curvature engine and the
 :class:`~laplace_tf.Laplace` core ask about the likelihood; neither switches on its name,
@@ -19,7 +19,9 @@ so a user's subclass goes everywhere a built-in one goes. For model outputs ``f`
   0 without noise), ``noise_power(kind)``, ``unit_noise()`` and ``log_normaliser``;
 - the target checks: ``label_range(n_outputs)``, ``invalid_targets(y, n_outputs)`` (which
   rows hold an invalid target) with ``targets_description(n_outputs)``, and
-  ``target_shape_error(shape, count, width)``.
+  ``target_shape_error(shape, count, width)``;
+- ``exact_output_hessian``: whether ``S S^T`` is the Hessian of ``l`` in ``f`` itself (then
+  the GGN of a piecewise-linear network is its Hessian), or a Fisher standing in for it.
 
 The engine hands every method rows: outputs with positions (``[N, T, C]`` per-token,
 ``[N, H, W, C]`` per-pixel) are folded to ``[N * T, C]`` and their targets alike, so a
@@ -35,17 +37,15 @@ fits at unit noise and rescales the curvature by ``sigma^-noise_power(kind)``.
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow as tf
 
 from laplace_tf import predictive
-from laplace_tf._checks import positive_float
 
-LIKELIHOODS = ("classification", "binary", "regression")
+#: The names of the built-in likelihoods (:func:`~laplace_tf.likelihoods.get_likelihood`).
+LIKELIHOODS = ("classification", "binary", "regression", "multilabel", "heteroscedastic")
 
 #: The methods a likelihood must define (beyond the base class) for each use.
 REQUIRED = {
@@ -67,10 +67,16 @@ class Likelihood:
     noise_exponent : int
         ``q`` in ``l(f, y) = e(f, y) / sigma^q + c(sigma)`` for a likelihood with an
         observation noise ``sigma`` (2 for a Gaussian); 0 for one without noise.
+    exact_output_hessian : bool
+        ``True`` when ``hessian_factor`` gives the Hessian of ``l`` in ``f`` (softmax,
+        sigmoid, Gaussian with a fixed noise: it does not depend on ``y``); ``False`` when it
+        gives the Fisher instead (a heteroscedastic Gaussian), so that ``curvature="hessian"``
+        must not be replaced by the GGN on piecewise-linear networks.
     """
 
     name: str = ""
     noise_exponent: ClassVar[int] = 0
+    exact_output_hessian: ClassVar[bool] = True
 
     def nll(self, f: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """Summed negative log-likelihood ``sum_n l(f_n, y_n)`` (a scalar in ``f``'s dtype)."""
@@ -222,235 +228,16 @@ def _missing(likelihood: Likelihood, method: str) -> NotImplementedError:
     )
 
 
-class _Categorical(Likelihood):
-    """Rules shared by the two classifiers: integer labels, one per example."""
-
-    def target_shape_error(self, shape, count, width):
-        if shape in ((count,), (count, 1)):
-            return None
-        return f"[{count}] or [{count}, 1] (one label per example)"
-
-
-class Classification(_Categorical):
-    """Softmax cross-entropy on logits ``f`` with integer labels in ``[0, C)``.
-
-    ``Lambda = diag(p) - p p^T`` and ``S = diag(sqrt(p)) - p sqrt(p)^T`` (``K = C``).
-    Predictive links: probit, bridge and Monte Carlo over the softmax.
-    """
-
-    name = "classification"
-
-    def nll(self, f, y):
-        return tf.reduce_sum(self.nll_rows(f, y))
-
-    def nll_rows(self, f, y):
-        labels = _as_labels(y)
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=f)
-
-    def hessian_factor(self, f):
-        p = tf.nn.softmax(f, axis=-1)
-        root = tf.sqrt(p)
-        return tf.linalg.diag(root) - p[:, :, None] * root[:, None, :]
-
-    def loss_gradient(self, f, y):
-        labels = _as_labels(y)
-        return tf.nn.softmax(f, axis=-1) - tf.one_hot(labels, tf.shape(f)[-1], dtype=f.dtype)
-
-    def sample(self, f, seed):
-        return tf.random.stateless_categorical(tf.cast(f, tf.float32), 1, seed=seed)[:, 0]
-
-    def link(self, f):
-        return tf.nn.softmax(f, axis=-1)
-
-    def glm_predictive(self, mean, covariance, *, link_approx, n_samples, seed, sigma_noise):
-        if link_approx == "probit":
-            return predictive.probit(mean, covariance)
-        if link_approx == "bridge":
-            return predictive.bridge(mean, covariance)
-        return super().glm_predictive(
-            mean,
-            covariance,
-            link_approx=link_approx,
-            n_samples=n_samples,
-            seed=seed,
-            sigma_noise=sigma_noise,
-        )
-
-    def predictive_nll(self, predictions, y):
-        probs = np.asarray(predictions, dtype=float)
-        y = np.asarray(y).reshape(-1)
-        return _mean_nll(probs[np.arange(len(y)), y.astype(int)])
-
-    def label_range(self, n_outputs):
-        return (0, n_outputs)
-
-
-class Binary(_Categorical):
-    """Sigmoid cross-entropy on one logit per example, labels 0 / 1.
-
-    ``Lambda = p (1 - p)`` and ``S = sqrt(p (1 - p))`` (``K = 1``). Predictive links:
-    probit and Monte Carlo over the sigmoid (the bridge needs two or more classes).
-    """
-
-    name = "binary"
-
-    def nll(self, f, y):
-        return tf.reduce_sum(self.nll_rows(f, y))
-
-    def nll_rows(self, f, y):
-        labels = _as_binary(y, f)
-        return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=f), -1)
-
-    def hessian_factor(self, f):
-        p = tf.sigmoid(f)
-        return tf.sqrt(p * (1 - p))[:, :, None]
-
-    def loss_gradient(self, f, y):
-        return tf.sigmoid(f) - _as_binary(y, f)
-
-    def sample(self, f, seed):
-        uniform = tf.random.stateless_uniform(tf.shape(f), seed=seed, dtype=f.dtype)
-        return tf.cast(uniform < tf.sigmoid(f), f.dtype)
-
-    def link(self, f):
-        return tf.sigmoid(f)
-
-    def glm_predictive(self, mean, covariance, *, link_approx, n_samples, seed, sigma_noise):
-        if link_approx == "probit":
-            return predictive.probit(mean, covariance, binary=True)
-        if link_approx == "bridge":
-            raise ValueError("link_approx='bridge' needs two or more classes; use probit or mc.")
-        return super().glm_predictive(
-            mean,
-            covariance,
-            link_approx=link_approx,
-            n_samples=n_samples,
-            seed=seed,
-            sigma_noise=sigma_noise,
-        )
-
-    def predictive_nll(self, predictions, y):
-        p = np.asarray(predictions, dtype=float).reshape(-1)
-        y = np.asarray(y).reshape(-1)
-        return _mean_nll(np.where(y == 1, p, 1 - p))
-
-    def label_range(self, n_outputs):
-        return (0, 2)
-
-
-class Regression(Likelihood):
-    """Gaussian likelihood ``N(y | f, sigma_noise^2 I)`` for outputs of any width ``D``.
-
-    ``l = ||y - f||^2 / (2 sigma^2) + D/2 log(2 pi sigma^2)``, ``Lambda = I / sigma^2``,
-    ``S = I / sigma`` (``K = D``); ``noise_exponent = 2``. The predictive is Gaussian:
-    ``(mean, variance)`` with the functional variance plus ``sigma^2`` (every
-    ``link_approx`` gives the same moments).
-    """
-
-    name = "regression"
-    noise_exponent = 2
-
-    def __init__(self, sigma_noise: float = 1.0):
-        self.sigma_noise = positive_float("sigma_noise", sigma_noise)
-
-    def nll(self, f, y):
-        return tf.reduce_sum(self.nll_rows(f, y))
-
-    def nll_rows(self, f, y):
-        y = _as_regression_targets(y, f)
-        sigma = tf.constant(self.sigma_noise, f.dtype)
-        width = tf.cast(tf.shape(f)[-1], f.dtype)
-        squared = tf.reduce_sum(tf.square(y - f), axis=-1)
-        return squared / (2 * sigma**2) + width * tf.math.log(2 * math.pi * sigma**2) / 2
-
-    def hessian_factor(self, f):
-        width = tf.shape(f)[-1]
-        eye = tf.eye(width, dtype=f.dtype) / tf.constant(self.sigma_noise, f.dtype)
-        return tf.broadcast_to(eye, [tf.shape(f)[0], width, width])
-
-    def loss_gradient(self, f, y):
-        return (f - _as_regression_targets(y, f)) / tf.constant(self.sigma_noise, f.dtype) ** 2
-
-    def sample(self, f, seed):
-        noise = tf.random.stateless_normal(tf.shape(f), seed=seed, dtype=f.dtype)
-        return f + tf.constant(self.sigma_noise, f.dtype) * noise
-
-    def link(self, f):
-        return f
-
-    def unit_noise(self):
-        if self.sigma_noise == 1.0:
-            return self
-        unit = copy.copy(self)
-        unit.sigma_noise = 1.0
-        return unit
-
-    def log_normaliser(self, count, sigma):
-        if isinstance(sigma, tf.Tensor | tf.Variable):
-            sigma = tf.cast(sigma, tf.float64)
-        else:
-            sigma = tf.constant(sigma, tf.float64)
-        return count * tf.math.log(sigma * math.sqrt(2 * math.pi))
-
-    def glm_predictive(self, mean, covariance, *, link_approx, n_samples, seed, sigma_noise):
-        return mean, tf.linalg.diag_part(covariance) + _noise_variance(sigma_noise)
-
-    def nn_predictive(self, outputs, sigma_noise):
-        variance = tf.math.reduce_variance(outputs, axis=0) + _noise_variance(sigma_noise)
-        return tf.reduce_mean(outputs, axis=0), variance
-
-    def predictive_nll(self, predictions, y):
-        mean, variance = (np.asarray(a, dtype=float) for a in predictions)
-        y = np.asarray(y, dtype=float).reshape(mean.shape)
-        terms = 0.5 * np.log(2 * np.pi * variance) + 0.5 * (y - mean) ** 2 / variance
-        return float(np.mean(np.sum(terms, axis=-1)))
-
-    def target_shape_error(self, shape, count, width):
-        if shape == (count, width) or (width == 1 and shape == (count,)):
-            return None
-        return f"[{count}, {width}]" + (f" or [{count}]" if width == 1 else "")
-
-    def __repr__(self) -> str:
-        return f"Regression(sigma_noise={self.sigma_noise})"
-
-
-BUILT_IN = (Classification, Binary, Regression)
-
-
-def get_likelihood(likelihood: str | Likelihood, *, sigma_noise: float = 1.0) -> Likelihood:
-    """Return the likelihood object for a name in :data:`LIKELIHOODS` (or pass one through)."""
-    if isinstance(likelihood, Likelihood):
-        return likelihood
-    if likelihood == "classification":
-        return Classification()
-    if likelihood == "binary":
-        return Binary()
-    if likelihood == "regression":
-        return Regression(sigma_noise)
-    raise ValueError(
-        f"Unknown likelihood {likelihood!r}; valid names are {', '.join(LIKELIHOODS)}."
-    )
-
-
-def _noise_variance(sigma_noise: Any) -> float:
+def noise_variance(sigma_noise: Any) -> float:
+    """``sigma_noise^2``, or 0 for ``None`` (no noise to include)."""
     return 0.0 if sigma_noise is None else sigma_noise**2
 
 
-def _mean_nll(picked: np.ndarray) -> float:
+def mean_nll(picked: np.ndarray) -> float:
+    """``-mean log p`` of the probabilities the targets pick (clipped at 1e-12)."""
     return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
 
 
-def _as_labels(y: tf.Tensor) -> tf.Tensor:
-    """One integer label per example from ``[N]`` or ``[N, 1]`` (any static rank: a step
-    traced for both shapes sees a label tensor of unknown rank)."""
-    return tf.cast(tf.reshape(y, [-1]), tf.int32)
-
-
-def _as_binary(y: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
-    y = tf.cast(y, f.dtype)
-    return tf.reshape(y, tf.shape(f))
-
-
-def _as_regression_targets(y: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
-    y = tf.cast(y, f.dtype)
-    return tf.reshape(y, tf.shape(f))
+def as_targets(y: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
+    """Targets cast to ``f``'s dtype and shaped like ``f`` (one value per output)."""
+    return tf.reshape(tf.cast(y, f.dtype), tf.shape(f))
