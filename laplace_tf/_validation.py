@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf._data import batched
-from laplace_tf.likelihoods import Binary, Classification, Likelihood
+from laplace_tf.likelihoods import Binary, Classification, Likelihood, Multilabel
 
 #: Rows of a probe output within this of summing to one are taken for probabilities.
 _PROBABILITY_TOLERANCE = 1e-5
@@ -260,6 +260,7 @@ def check_output_activation(model: keras.Model, likelihood: Likelihood) -> None:
     squash = {
         Classification: (keras.activations.softmax, keras.layers.Softmax, "softmax"),
         Binary: (keras.activations.sigmoid, None, "sigmoid"),
+        Multilabel: (keras.activations.sigmoid, None, "sigmoid"),
     }.get(type(likelihood))
     if squash is None:
         return

@@ -91,7 +91,7 @@ def test_binary_labels_must_be_zero_or_one(data):
         ("regression", 2, (N, 3)),
         ("regression", 2, (N,)),
         ("regression", 1, (N, 2)),
-        ("classification", 3, (N, 3)),
+        ("classification", 3, (N, 2)),
         ("binary", 1, (N, 2)),
     ],
 )

@@ -258,15 +258,17 @@ def _structured_step(model, likelihood, kind, params, mc_samples, reducer, batch
     variables = _model_variables(model, params)
     check_output_activation(model, likelihood)
     build = _kron_step if reducer == "kron" else _full_step
-    if kind == "hessian" and is_piecewise_linear(model):
+    exact = getattr(likelihood, "exact_output_hessian", True)  # False: S is a Fisher's root
+    if kind == "hessian" and exact and is_piecewise_linear(model):
         kind = "ggn"  # the same matrix (almost everywhere), from the cheaper factors
     elif kind == "hessian" and reducer == "full":
         build = _hessian_step
     elif kind == "hessian":
         raise ValueError(
             "curvature='hessian' with the kron structure needs a piecewise-linear model "
-            "(ReLU-like activations), where it equals the GGN; use curvature='ggn', or the "
-            "full or diagonal structure."
+            "(ReLU-like activations) and a likelihood whose hessian_factor is its exact "
+            "output Hessian, where it equals the GGN; use curvature='ggn', or the full or "
+            "diagonal structure."
         )
     key = (reducer, _likelihood_key(likelihood), kind, mc_samples, batch_size)
     return _cached(

@@ -161,7 +161,8 @@ def fit_diagonal(
     likelihood = get_likelihood(likelihood, sigma_noise=sigma_noise)
     variables = _model_variables(model, params)
     check_output_activation(model, likelihood)
-    if kind == "hessian" and not is_piecewise_linear(model):
+    exact = getattr(likelihood, "exact_output_hessian", True)  # False: S is a Fisher's root
+    if kind == "hessian" and not (exact and is_piecewise_linear(model)):
         batch_loss = _cached(
             model,
             ("hessian_loss", _likelihood_key(likelihood)),
