@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf._data import batched
-from laplace_tf.likelihoods import Binary, Classification, Likelihood, Multilabel
+from laplace_tf.likelihoods import BUILT_IN, Binary, Classification, Likelihood, Multilabel
 
 #: Rows of a probe output within this of summing to one are taken for probabilities.
 _PROBABILITY_TOLERANCE = 1e-5
@@ -55,24 +55,29 @@ class BatchChecker:
         count = _example_count(leaves, self.batch)
         if self.output_shape is None:
             self.output_shape = probe_outputs(self.model, self.likelihood, x)
-        rows = self._check_shape(y, count)
+        self._check_shape(y, count)
+        positions = len(self.output_shape) - 1
         float_leaves = tuple(leaf for leaf in leaves if leaf.dtype.is_floating)
-        weights = tf.zeros([0]) if sample_weight is None else sample_weight
-        x_finite, y_finite, w_finite, w_min = _summary(float_leaves, y, weights).numpy()
+        weights = _no_weights() if sample_weight is None else sample_weight
+        summary = _summary_of(self.likelihood, self.n_outputs, positions, float_leaves, y, weights)
+        flags = summary(*float_leaves, y, weights).numpy()
+        x_finite, y_finite, w_finite, w_min, invalid = flags
         if not x_finite:
             self._fail_nonfinite("inputs", float_leaves)
         if not y_finite:
             self._fail_nonfinite("targets", (y,))
         if sample_weight is not None:
             self._check_weights(sample_weight, y, count, w_finite, w_min)
-        invalid = self.likelihood.invalid_targets(rows, self.n_outputs)
-        if invalid is not None and bool(tf.reduce_any(invalid)):
-            self._fail_targets(rows, np.asarray(invalid), count)
+        if invalid:
+            rows = _as_rows(y, positions)
+            bad = self.likelihood.invalid_targets(rows, self.n_outputs)
+            self._fail_targets(rows, np.asarray(bad), count)
         self.batch += 1
         self.offset += count
 
-    def _check_shape(self, y: tf.Tensor, count: int) -> tf.Tensor:
-        """``y`` as rows (one per example and position), after checking its shape."""
+    def _check_shape(self, y: tf.Tensor, count: int) -> None:
+        """Refuse targets whose shape does not fit the outputs (checked as rows: one per
+        example and position)."""
         shape, width = tuple(y.shape), self.n_outputs
         positions = len(self.output_shape) - 1
         lead = shape[: 1 + positions]
@@ -91,9 +96,6 @@ class BatchChecker:
                 f"targets of batch {self.batch} have shape {list(shape)}, but the model gives "
                 f"{width} output(s) per {per} for {count} examples: expected {expected}."
             )
-        if not positions:
-            return y
-        return tf.reshape(y, [-1, *shape[1 + positions :]])
 
     def _check_weights(self, weights, y, count: int, finite: float, low: float) -> None:
         shape = tuple(weights.shape)
@@ -155,20 +157,57 @@ def _example_count(leaves: list[tf.Tensor], batch: int) -> int:
     return counts.pop()
 
 
-@tf.function(reduce_retracing=True, autograph=False)
-def _summary(float_leaves: tuple, y: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """``[inputs finite, targets finite, weights finite, smallest weight]``."""
-    x_finite = tf.constant(True)
-    for leaf in float_leaves:
-        x_finite = tf.logical_and(x_finite, tf.reduce_all(tf.math.is_finite(leaf)))
-    y_finite = tf.constant(True)
-    if y.dtype.is_floating:
-        y_finite = tf.reduce_all(tf.math.is_finite(y))
-    w = tf.cast(weights, tf.float64)
-    w_finite = tf.reduce_all(tf.math.is_finite(w))
-    w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), tf.constant(0.0, tf.float64))
-    flags = tf.cast(tf.stack([x_finite, y_finite, w_finite]), tf.float64)
-    return tf.concat([flags, [w_min]], axis=0)
+def _as_rows(y: tf.Tensor, positions: int) -> tf.Tensor:
+    """Targets ``[N, *positions, ...]`` as rows ``[N T, ...]``."""
+    if not positions:
+        return y
+    return tf.reshape(y, tf.concat([[-1], tf.shape(y)[1 + positions :]], axis=0))
+
+
+_SUMMARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BUILT_IN_SUMMARIES: dict[str, dict] = {}
+_EMPTY: list[tf.Tensor] = []
+
+
+def _no_weights() -> tf.Tensor:
+    """The empty weights of a batch without any (made once: an eager op costs per batch)."""
+    if not _EMPTY:
+        _EMPTY.append(tf.zeros([0]))
+    return _EMPTY[0]
+
+
+def _summary_of(likelihood: Likelihood, width: int, positions: int, leaves, y, weights):
+    """The compiled check of one batch (cached per likelihood, width and input signature,
+    any batch size): ``[inputs finite, targets finite, weights finite, smallest weight, any
+    invalid target]``, one host read per batch. A concrete function: a batch pays no
+    signature matching."""
+    tensors = (*leaves, y, weights)
+    key = (width, positions, tuple((t.dtype, tuple(t.shape[1:])) for t in tensors))
+    if type(likelihood) in BUILT_IN:  # equal when their reprs are: one trace for every fit
+        compiled = _BUILT_IN_SUMMARIES.setdefault(repr(likelihood), {})
+    else:
+        compiled = _SUMMARIES.setdefault(likelihood, {})
+    if key not in compiled:
+
+        def summary(*tensors):
+            *float_leaves, targets, w = tensors
+            x_finite = tf.constant(True)
+            for leaf in float_leaves:
+                x_finite = tf.logical_and(x_finite, tf.reduce_all(tf.math.is_finite(leaf)))
+            y_finite = tf.constant(True)
+            if targets.dtype.is_floating:
+                y_finite = tf.reduce_all(tf.math.is_finite(targets))
+            w = tf.cast(w, tf.float64)
+            w_finite = tf.reduce_all(tf.math.is_finite(w))
+            w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), tf.constant(0.0, tf.float64))
+            invalid = likelihood.invalid_targets(_as_rows(targets, positions), width)
+            invalid = tf.constant(False) if invalid is None else tf.reduce_any(invalid)
+            flags = tf.cast(tf.stack([x_finite, y_finite, w_finite]), tf.float64)
+            return tf.concat([flags, [w_min, tf.cast(invalid, tf.float64)]], axis=0)
+
+        signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in tensors]
+        compiled[key] = tf.function(summary, autograph=False).get_concrete_function(*signature)
+    return compiled[key]
 
 
 def checked_inputs(model: keras.Model, x: Any, batch_size: int) -> Iterator[Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 from keras.src.backend import get_keras_mask
 
@@ -107,21 +108,32 @@ def counts(terms: LossRows) -> tf.Tensor:
 
 
 class Tally:
-    """The weighted counts of a pass over the data (:func:`counts` summed over batches,
-    on the device: no per-batch host read unless :attr:`examples` is asked for)."""
+    """The weighted counts of a pass over the data (:func:`counts` of each batch, kept on
+    the device and summed once at the end: no per-batch host read or op unless
+    :attr:`examples` is asked for, for progress reports)."""
 
     def __init__(self):
-        self.total: tf.Tensor | None = None
-        self._width: tf.Tensor | None = None
+        self._parts: list[tf.Tensor] = []
+        self._total: np.ndarray | None = None
+        self._examples, self._read = 0.0, 0
 
     def add(self, counts: tf.Tensor) -> None:
-        self.total = counts[:2] if self.total is None else self.total + counts[:2]
-        self._width = counts[2]
+        self._parts.append(counts)
+        self._total = None
 
     @property
     def examples(self) -> int:
-        """The examples so far (unweighted, rounded), for progress reports."""
-        return int(round(float(self.total[0])))
+        """The weighted examples so far, rounded (reads only the batches not yet read)."""
+        for part in self._parts[self._read :]:
+            self._examples += float(part[0])
+        self._read = len(self._parts)
+        return int(round(self._examples))
+
+    @property
+    def total(self) -> np.ndarray:
+        if self._total is None:
+            self._total = np.sum([part.numpy() for part in self._parts], axis=0)
+        return self._total
 
     @property
     def n_data(self) -> int | float:
@@ -136,7 +148,7 @@ class Tally:
     @property
     def width(self) -> int:
         """``C``, the outputs per example and position."""
-        return int(self._width)
+        return int(self._parts[-1][2])
 
 
 def _count(value: float) -> int | float:
