@@ -99,16 +99,6 @@ def _loss_outputs(outputs: tf.Tensor) -> tf.Tensor:
     return tf.cast(outputs, _accumulation_dtype(outputs.dtype))
 
 
-def _add_in_float64(total: list | None, parts: list[tf.Tensor]) -> list[tf.Tensor]:
-    """``total + parts``, summed over batches in float64 (accurate over millions of
-    examples), one weight at a time so that the float64 temporaries stay one weight big."""
-    if total is None:
-        return [tf.cast(p, tf.float64) for p in parts]
-    for index, part in enumerate(parts):
-        total[index] = total[index] + tf.cast(part, tf.float64)
-    return total
-
-
 def _checked_batches(model, likelihood, data, batch_size):
     """The ``(x, y, sample_weight)`` batches of ``data`` (``sample_weight`` ``None`` when
     it has none), each checked (:class:`BatchChecker`) before use."""

@@ -29,7 +29,6 @@ from laplace_tf.curvature.basics import (  # noqa: F401  (re-exported for the en
     KINDS,
     CurvatureFit,
     _accumulation_dtype,
-    _add_in_float64,
     _checked_batches,
     _likelihood_key,
     _loss_outputs,
@@ -178,20 +177,36 @@ def fit_diagonal(
         model,
         ("diagonal", _likelihood_key(likelihood), kind, mc_samples),
         variables,
-        lambda: _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples)),
+        lambda: _accumulating(
+            _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples))
+        ),
     )
-    total, nll, tally = None, 0.0, Tally()
+    total = [tf.zeros(v.shape, tf.float64) for v in variables]
+    nll, tally = tf.constant(0.0, tf.float64), Tally()
     for index, (x, y, w) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
         if index == 0:
             _warn_fallbacks(model, variables, x)
-        parts, batch_nll, counts = step(x, y, w, tf.constant([seed, index], tf.int64))
-        total = _add_in_float64(total, parts)
-        nll += tf.cast(batch_nll, tf.float64)  # summed on the device; read once below
+        seed_of_batch = tf.constant([seed, index], tf.int64)
+        total, nll, counts = step(x, y, w, seed_of_batch, total, nll)
         tally.add(counts)
         if progress is not None:
             progress(tally.examples)
     diagonal = [tf.cast(t, v.dtype) for t, v in zip(total, variables, strict=True)]
     return CurvatureFit(diagonal, float(nll), tally.n_data, tally.width, tally.n_rows)
+
+
+def _accumulating(step):
+    """``step`` whose sums are added to running float64 totals in the same compiled call:
+    accurate over millions of examples, and no per-batch eager op (a cast and an add per
+    weight cost more than a small model's whole step)."""
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def run(x, y, weights, seed, total, nll):
+        parts, batch_nll, counts = step(x, y, weights, seed)
+        total = [t + tf.cast(p, tf.float64) for t, p in zip(total, parts, strict=True)]
+        return total, nll + tf.cast(batch_nll, tf.float64), counts
+
+    return run
 
 
 def output_covariance(
