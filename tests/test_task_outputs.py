@@ -349,3 +349,25 @@ def test_accumulate_equals_one_fit_on_both_datasets(structure):
     fresh = laplace_tf.Laplace(model, "classification", structure=structure)
     with pytest.raises(RuntimeError, match="needs a previous fit"):
         fresh.fit((x, y), accumulate=True)
+
+
+def test_heteroscedastic_exact_hessian_is_not_its_fisher():
+    """``curvature="hessian"`` with a likelihood whose S is a Fisher's root (heteroscedastic)
+    takes the exact path even on a piecewise-linear network: a dense Hessian's diagonal."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((2,)), L.Dense(3, activation="relu"), L.Dense(2)])
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(N, 2)), rng.normal(size=(N, 1))
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            f = model(x)
+            mean, log_var = f[:, :1], f[:, 1:]
+            nll = tf.reduce_sum(0.5 * (y - mean) ** 2 * tf.exp(-log_var) + 0.5 * log_var)
+        grads = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(nll, variables)], 0)
+    rows = outer.jacobian(grads, variables, experimental_use_pfor=False)
+    dense = np.concatenate([np.reshape(r, (grads.shape[0], -1)) for r in rows], axis=1)
+    got = diagonal(model, (x, y), likelihood="heteroscedastic", kind="hessian")
+    assert_close(flat(got), np.diag(dense), rtol=1e-9)
+    fisher = diagonal(model, (x, y), likelihood="heteroscedastic", kind="ggn")
+    assert not np.allclose(flat(fisher), np.diag(dense))
