@@ -371,3 +371,20 @@ def test_heteroscedastic_exact_hessian_is_not_its_fisher():
     assert_close(flat(got), np.diag(dense), rtol=1e-9)
     fisher = diagonal(model, (x, y), likelihood="heteroscedastic", kind="ggn")
     assert not np.allclose(flat(fisher), np.diag(dense))
+
+
+def test_output_of_a_subclassed_model_is_refused_clearly():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.outputs_count = 3  # an attribute, not Keras outputs
+            self.dense = L.Dense(C)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Net()
+    model(np.zeros((1, 4)))
+    assert laplace_tf.Laplace(model, "classification").network is model
+    with pytest.raises(ValueError, match="subclassed"):
+        laplace_tf.Laplace(model, "classification", output=0)

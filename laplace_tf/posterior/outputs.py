@@ -9,6 +9,7 @@ weights that output depends on, and predictions are that output's.
 from __future__ import annotations
 
 import keras
+from keras.src.models.functional import Functional
 
 
 def output_names(model: keras.Model) -> list[str]:
@@ -49,8 +50,12 @@ def selected_output(model: keras.Model, output: str | int | None) -> keras.Model
 
 
 def _outputs(model: keras.Model) -> list | None:
+    """The output tensors of a Functional / Sequential model; ``None`` for a subclassed one
+    (whose ``outputs``, if any, are its own attribute)."""
+    if not isinstance(model, Functional | keras.Sequential):
+        return None
     try:
         outputs = model.outputs
     except (AttributeError, ValueError):
         return None
-    return list(outputs) if outputs else None
+    return list(outputs) if isinstance(outputs, list | tuple) and outputs else None
