@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import pytest
 from keras.src.backend.common import global_state
 
@@ -14,3 +15,13 @@ def fresh_dtype_policy():
     global_state.set_global_attribute("dtype_policy", None)
     yield
     global_state.set_global_attribute("dtype_policy", None)
+
+
+@pytest.fixture(scope="module")
+def float64():
+    """float64 layers for one module (``pytestmark = pytest.mark.usefixtures("float64")``);
+    the previous default is restored afterwards."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx(previous)

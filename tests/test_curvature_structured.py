@@ -38,13 +38,7 @@ LIKELIHOODS = ("classification", "binary", "regression")
 WIDTHS = {"classification": 3, "binary": 1, "regression": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    """float64 layers for this module only; the previous default is restored afterwards."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 # ---------------------------------------------------------------------------------------

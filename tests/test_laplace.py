@@ -31,12 +31,7 @@ DELTA = 2.0
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 def flat(tensors) -> np.ndarray:

@@ -46,14 +46,7 @@ EXAMPLE = ROOT / "examples" / "poisson_likelihood.py"
 PAGE = ROOT / "docs" / "likelihoods.md"
 
 
-#: The batch checker asks the likelihood which targets are invalid (rather than reading
-#: integer label ranges only): soft labels pass it.
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 def mlp(width, seed=0):

@@ -16,12 +16,7 @@ from laplace_tf.posterior import FitRecord, Laplace
 L = keras.layers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 def mlp(width=2):

@@ -56,13 +56,12 @@ def _settings(max_examples: int):
     )
 
 
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
+
+
 @pytest.fixture(scope="module", autouse=True)
-def float64():
-    """float64 layers for this module only; the previous default is restored afterwards."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
+def clear_models():
     yield
-    keras.config.set_floatx(previous)
     _MODELS.clear()
 
 

@@ -52,11 +52,7 @@ def test_attention_model_of_the_report_fits_in_a_subprocess():
     assert float(done.stdout.split()[-1]) == pytest.approx(8.0, rel=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 def attention_model(layer):

@@ -32,13 +32,7 @@ RULE = "Recurrent patches"
 BIDIRECTIONAL_RULE = "Bidirectional recurrent patches"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    """float64 layers for this module only; the previous default is restored afterwards."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 #: name -> layer factory

@@ -21,12 +21,7 @@ N = 9
 RTOL = 1e-10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 # -- models and oracles ------------------------------------------------------------------------

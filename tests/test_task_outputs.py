@@ -22,12 +22,7 @@ L = keras.layers
 N, T, C, VOCAB = 6, 5, 3, 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float64():
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
 
 
 def jacobian(model, x):
