@@ -48,7 +48,25 @@ class BatchChecker:
     def n_outputs(self) -> int | None:
         return None if self.output_shape is None else self.output_shape[-1]
 
+    @property
+    def positions(self) -> int | None:
+        """Position axes of the output (``[N, *positions, C]``), once probed."""
+        return None if self.output_shape is None else len(self.output_shape) - 1
+
     def __call__(self, x: Any, y: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
+        """Check one batch: :meth:`check_shapes`, then its values (one compiled reduction
+        and one host read), then :meth:`verify`."""
+        count = self.check_shapes(x, y, sample_weight)
+        leaves = _float_leaves(x)
+        weights = _no_weights() if sample_weight is None else sample_weight
+        summary = _summary_of(self.likelihood, self.n_outputs, self.positions, leaves, y, weights)
+        self.verify(x, y, sample_weight, summary(*leaves, y, weights), count)
+
+    def check_shapes(self, x: Any, y: tf.Tensor, sample_weight: tf.Tensor | None) -> int:
+        """The checks that need no values (batch axis, example counts, the output shape
+        probed on the first batch, target and weight shapes); returns the example count.
+        A compiled step can then compute :func:`batch_flags` itself and pass them to
+        :meth:`verify`, sparing a call per batch."""
         leaves = tf.nest.flatten(x)
         if self.batch == 0:
             check_batched(self.model, leaves)
@@ -56,20 +74,24 @@ class BatchChecker:
         if self.output_shape is None:
             self.output_shape = probe_outputs(self.model, self.likelihood, x)
         self._check_shape(y, count)
-        positions = len(self.output_shape) - 1
-        float_leaves = tuple(leaf for leaf in leaves if leaf.dtype.is_floating)
-        weights = _no_weights() if sample_weight is None else sample_weight
-        summary = _summary_of(self.likelihood, self.n_outputs, positions, float_leaves, y, weights)
-        flags = summary(*float_leaves, y, weights).numpy()
-        x_finite, y_finite, w_finite, w_min, invalid = flags
+        if sample_weight is not None:
+            self._check_weight_shape(sample_weight, y, count)
+        return count
+
+    def verify(
+        self, x: Any, y: tf.Tensor, sample_weight: tf.Tensor | None, flags: Any, count: int
+    ) -> None:
+        """Raise for the value faults :func:`batch_flags` reported (``flags``), naming the
+        batch and the example; then count the batch as checked."""
+        x_finite, y_finite, w_finite, w_min, invalid = np.asarray(flags)
         if not x_finite:
-            self._fail_nonfinite("inputs", float_leaves)
+            self._fail_nonfinite("inputs", _float_leaves(x))
         if not y_finite:
             self._fail_nonfinite("targets", (y,))
         if sample_weight is not None:
-            self._check_weights(sample_weight, y, count, w_finite, w_min)
+            self._check_weight_values(sample_weight, count, w_finite, w_min)
         if invalid:
-            rows = _as_rows(y, positions)
+            rows = _as_rows(y, self.positions)
             bad = self.likelihood.invalid_targets(rows, self.n_outputs)
             self._fail_targets(rows, np.asarray(bad), count)
         self.batch += 1
@@ -97,7 +119,7 @@ class BatchChecker:
                 f"{width} output(s) per {per} for {count} examples: expected {expected}."
             )
 
-    def _check_weights(self, weights, y, count: int, finite: float, low: float) -> None:
+    def _check_weight_shape(self, weights, y, count: int) -> None:
         shape = tuple(weights.shape)
         positions = len(self.output_shape) - 1
         allowed = {(count,), (count, 1), tuple(y.shape[: 1 + positions])}
@@ -108,6 +130,8 @@ class BatchChecker:
                 + (f" or {list(y.shape[: 1 + positions])} (one per position)" if positions else "")
                 + "."
             )
+
+    def _check_weight_values(self, weights, count: int, finite: float, low: float) -> None:
         if not finite:
             self._fail_nonfinite("sample weights", (weights,))
         if low < 0:
@@ -191,23 +215,43 @@ def _summary_of(likelihood: Likelihood, width: int, positions: int, leaves, y, w
 
         def summary(*tensors):
             *float_leaves, targets, w = tensors
-            x_finite = tf.constant(True)
-            for leaf in float_leaves:
-                x_finite = tf.logical_and(x_finite, tf.reduce_all(tf.math.is_finite(leaf)))
-            y_finite = tf.constant(True)
-            if targets.dtype.is_floating:
-                y_finite = tf.reduce_all(tf.math.is_finite(targets))
-            w = tf.cast(w, tf.float64)
-            w_finite = tf.reduce_all(tf.math.is_finite(w))
-            w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), tf.constant(0.0, tf.float64))
-            invalid = likelihood.invalid_targets(_as_rows(targets, positions), width)
-            invalid = tf.constant(False) if invalid is None else tf.reduce_any(invalid)
-            flags = tf.cast(tf.stack([x_finite, y_finite, w_finite]), tf.float64)
-            return tf.concat([flags, [w_min, tf.cast(invalid, tf.float64)]], axis=0)
+            return batch_flags(likelihood, width, positions, float_leaves, targets, w)
 
         signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in tensors]
         compiled[key] = tf.function(summary, autograph=False).get_concrete_function(*signature)
     return compiled[key]
+
+
+def batch_flags(
+    likelihood: Likelihood,
+    width: int,
+    positions: int,
+    float_leaves: Any,
+    targets: tf.Tensor,
+    weights: tf.Tensor | None,
+) -> tf.Tensor:
+    """What :meth:`BatchChecker.verify` reads of a batch's values, as one float64 tensor
+    ``[inputs finite, targets finite, weights finite, smallest weight, any invalid target]``
+    (weights ``None`` or empty: none). Graph-compatible: a compiled step computes it beside
+    its own work."""
+    x_finite = tf.constant(True)
+    for leaf in float_leaves:
+        x_finite = tf.logical_and(x_finite, tf.reduce_all(tf.math.is_finite(leaf)))
+    y_finite = tf.constant(True)
+    if targets.dtype.is_floating:
+        y_finite = tf.reduce_all(tf.math.is_finite(targets))
+    w = tf.zeros([0], tf.float64) if weights is None else tf.cast(weights, tf.float64)
+    w_finite = tf.reduce_all(tf.math.is_finite(w))
+    w_min = tf.where(tf.size(w) > 0, tf.reduce_min(w), tf.constant(0.0, tf.float64))
+    invalid = likelihood.invalid_targets(_as_rows(targets, positions), width)
+    invalid = tf.constant(False) if invalid is None else tf.reduce_any(invalid)
+    flags = tf.cast(tf.stack([x_finite, y_finite, w_finite]), tf.float64)
+    return tf.concat([flags, [w_min, tf.cast(invalid, tf.float64)]], axis=0)
+
+
+def _float_leaves(x: Any) -> tuple:
+    """The floating-point input leaves of ``x`` (those that can hold NaN / Inf)."""
+    return tuple(leaf for leaf in tf.nest.flatten(x) if leaf.dtype.is_floating)
 
 
 def checked_inputs(model: keras.Model, x: Any, batch_size: int) -> Iterator[Any]:
@@ -255,7 +299,21 @@ def check_batched(model: keras.Model, leaves: list[tf.Tensor]) -> None:
 def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> tuple:
     """The model's output shape per example, ``(*positions, C)``, read from its first few
     examples, after refusing outputs that are already probabilities where the likelihood
-    expects logits, and models with several outputs."""
+    expects logits, and models with several outputs.
+
+    Kept per model and input signature (dtypes and shapes after the batch axis): a refit
+    of the same model on the same kind of data runs no probe. Only a probe that passed is
+    kept, so a refused model is refused again."""
+    signature = tuple((leaf.dtype, tuple(leaf.shape[1:])) for leaf in tf.nest.flatten(x))
+    key = (signature, isinstance(likelihood, Classification))
+    known = _PROBED.setdefault(model, {})
+    if key not in known:
+        known[key] = _probe(model, likelihood, x)
+    return known[key]
+
+
+def _probe(model: keras.Model, likelihood: Likelihood, x: Any) -> tuple:
+    """:func:`probe_outputs` without its cache."""
     head = tf.nest.map_structure(lambda t: t[:_PROBE_EXAMPLES], x)
     outputs = _probe_forward(model)(head)
     if isinstance(outputs, list | tuple | dict):
@@ -280,6 +338,7 @@ def probe_outputs(model: keras.Model, likelihood: Likelihood, x: Any) -> tuple:
 
 
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _probe_forward(model: keras.Model):

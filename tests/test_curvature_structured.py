@@ -288,13 +288,16 @@ def dense_hessian(model, x, y, likelihood):
     return np.concatenate([np.reshape(b.numpy(), (size, -1)) for b in blocks], axis=1)
 
 
-def naive_empirical_fisher(model, x, y, likelihood):
+def naive_empirical_fisher(model, x, y, likelihood, weights=None):
+    """``sum_n v_n g_n^2`` (``v``: sample weights, default 1: a weight of 2 counts an
+    example twice)."""
     variables = model.trainable_variables
     total = np.zeros(sum(v.shape.num_elements() for v in variables))
     for n in range(len(y)):
         with tf.GradientTape() as tape:
             loss = manual_nll(likelihood, model(_rows(x, n, n + 1), training=False), y[n : n + 1])
-        total += flat(tape.gradient(loss, variables, unconnected_gradients="zero")) ** 2
+        weight = 1.0 if weights is None else weights[n]
+        total += weight * flat(tape.gradient(loss, variables, unconnected_gradients="zero")) ** 2
     return total
 
 
@@ -543,6 +546,34 @@ def test_batch_size_and_dataset_do_not_change_the_result(kind):
         else naive_empirical_fisher(model, x, y, "classification")
     )
     assert_close(reference, expected)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ggn_mc", "ef"])
+def test_compiled_pass_equals_the_python_loop(kind):
+    """A dataset (or arrays) is read in one compiled call; ``progress`` (a Python call per
+    batch) and a plain iterable of batches take the Python loop. Same batches, same seeds
+    per batch: the same result, NLL and counts, for weighted batches and a short last one."""
+    model, x, y = build("tanh_mlp", n=11)
+    weights = np.random.default_rng(3).uniform(0.5, 2.0, size=11)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(4)
+    kwargs = {"likelihood": "classification", "kind": kind, "seed": 7}
+    compiled = structured.fit_diagonal(model, dataset, **kwargs)
+    seen = []
+    looped = structured.fit_diagonal(model, dataset, progress=seen.append, **kwargs)
+    listed = structured.fit_diagonal(model, list(dataset), **kwargs)
+    assert seen and seen[-1] == round(float(weights.sum()))
+    for other in (looped, listed):
+        assert_close(flat(compiled.diagonal), flat(other.diagonal))
+        np.testing.assert_allclose(compiled.nll, other.nll, rtol=1e-12)
+        assert (compiled.n_data, compiled.n_rows, compiled.n_outputs) == (
+            other.n_data,
+            other.n_rows,
+            other.n_outputs,
+        )
+    np.testing.assert_allclose(compiled.n_data, weights.sum(), rtol=1e-12)
+    if kind == "ef":  # and the sums are right, not only equal
+        expected = naive_empirical_fisher(model, x, y, "classification", weights=weights)
+        assert_close(flat(compiled.diagonal), expected)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,15 +7,16 @@ that each of them reads one place for these conventions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from laplace_tf._data import iterate_batches
-from laplace_tf._validation import BatchChecker
+from laplace_tf._data import batched, iterate_batches
+from laplace_tf._validation import BatchChecker, _float_leaves, batch_flags
 from laplace_tf.curvature.distributed import replicated, strategy_of
 from laplace_tf.curvature.registry import is_piecewise_linear_layer
 from laplace_tf.curvature.tracing import graph_of
@@ -106,6 +107,224 @@ def _checked_batches(model, likelihood, data, batch_size):
     for x, y, weights in iterate_batches(data, batch_size=batch_size):
         checker(x, y, weights)
         yield x, y, weights
+
+
+class Tally:
+    """The weighted counts of a pass over the data (:func:`counts` of each batch, kept on
+    the device and summed once at the end: no per-batch host read or op unless
+    :attr:`examples` is asked for, for progress reports)."""
+
+    def __init__(self):
+        self._parts: list[tf.Tensor] = []
+        self._total: np.ndarray | None = None
+        self._examples, self._read = 0.0, 0
+
+    def add(self, counts: tf.Tensor) -> None:
+        self._parts.append(counts)
+        self._total = None
+
+    @property
+    def examples(self) -> int:
+        """The weighted examples so far, rounded (reads only the batches not yet read)."""
+        for part in self._parts[self._read :]:
+            self._examples += float(part[0])
+        self._read = len(self._parts)
+        return int(round(self._examples))
+
+    @property
+    def total(self) -> np.ndarray:
+        if self._total is None:
+            self._total = np.sum([part.numpy() for part in self._parts], axis=0)
+        return self._total
+
+    @property
+    def n_data(self) -> int | float:
+        """The weighted number of examples: an ``int`` unless the weights make it fractional."""
+        return _count(float(self.total[0]))
+
+    @property
+    def n_rows(self) -> int | float:
+        """The weighted number of loss rows (examples times positions)."""
+        return _count(float(self.total[1]))
+
+    @property
+    def width(self) -> int:
+        """``C``, the outputs per example and position."""
+        return int(self._parts[-1][2])
+
+
+def _count(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+class CheckedPass:
+    """One pass over ``data`` whose batches are checked (:class:`BatchChecker`) at one
+    compiled call a batch: shapes before the step, values from the flags that a
+    :func:`checked_step` computes beside its own work.
+
+    Iterate it for the ``(x, y, sample_weight)`` batches and call :meth:`run` on each.
+    """
+
+    def __init__(self, model: keras.Model, likelihood: Likelihood, data: Any, batch_size: int):
+        self.checker = BatchChecker(model, likelihood)
+        self._batches = iterate_batches(data, batch_size=batch_size)
+        self._count = 0
+
+    def __iter__(self):
+        for x, y, weights in self._batches:
+            self._count = self.checker.check_shapes(x, y, weights)
+            yield x, y, weights
+
+    def run(self, step, x: Any, y: tf.Tensor, weights: tf.Tensor | None, *args: Any) -> Any:
+        """``step(x, y, weights, *args)`` of a :func:`checked_step`, after which the batch's
+        flags are verified (a fault raises before the result is used)."""
+        checker = self.checker
+        try:
+            flags, result = step(
+                x, y, weights, *args, width=checker.n_outputs, positions=checker.positions
+            )
+        except tf.errors.InvalidArgumentError:
+            checker(x, y, weights)  # a bad value the step tripped on is named here
+            raise
+        checker.verify(x, y, weights, flags, self._count)
+        return result
+
+
+def checked_step(step, likelihood: Likelihood):
+    """``step(x, y, weights, *args)`` compiled with :func:`batch_flags` of the batch, as
+    ``(flags, result)``, for :meth:`CheckedPass.run`."""
+
+    @tf.function(reduce_retracing=True, autograph=False)
+    def run(x, y, weights, *args, width, positions):
+        flags = batch_flags(likelihood, width, positions, _float_leaves(x), y, weights)
+        return flags, step(x, y, weights, *args)
+
+    return run
+
+
+def compiled_pass(step, likelihood: Likelihood):
+    """The rest of a pass of a :func:`checked_step` over a dataset iterator in one compiled
+    call: ``run(iterator, seed, *state, width=, positions=) -> (fault, counts)``, with
+    ``counts`` the summed ``[examples, rows, C]`` (``C`` 0 when no batch was left) and
+    ``fault`` true when any batch's flags report a bad value. Batches are numbered from 1
+    (the first is the caller's) and seeded ``[seed, i]``, as in the Python loop."""
+
+    @tf.function(reduce_retracing=True)
+    def run(iterator, seed, *state, width, positions):
+        fault = tf.constant(False)
+        index = tf.constant(1, tf.int64)
+        summed = tf.zeros([2], tf.float64)
+        last = tf.constant(0.0, tf.float64)
+        for batch in iterator:  # a while loop (a dataset reduce would run on tf.data threads)
+            x, y, *rest = batch
+            weights = rest[0] if rest else None
+            seeds = tf.stack([seed, index])
+            flags, counts = step(x, y, weights, seeds, *state, width=width, positions=positions)
+            fault = tf.logical_or(fault, _faulty(flags))
+            summed = summed + counts[:2]
+            last = counts[2]
+            index = index + 1
+        return fault, tf.concat([summed, [last]], axis=0)
+
+    return run
+
+
+def _faulty(flags: tf.Tensor) -> tf.Tensor:
+    """Whether :func:`batch_flags` report a fault."""
+    finite = tf.reduce_all(flags[:3] > 0)
+    return tf.logical_not(finite) | (flags[3] < 0) | (flags[4] > 0)
+
+
+def as_dataset(model: keras.Model, data: Any, batch_size: int) -> tf.data.Dataset | None:
+    """``data`` as a dataset of ``(x, y)`` / ``(x, y, sample_weight)`` batches of dense
+    tensors that a :func:`compiled_pass` can read (arrays are batched here), or ``None``:
+    other iterables, other elements, and models under a strategy (whose steps split
+    each batch over the replicas) take the Python loop."""
+    if strategy_of(model) is not None:
+        return None
+    if isinstance(data, tuple) and len(data) in (2, 3):
+        try:
+            data = batched(data, batch_size)
+        except (TypeError, ValueError):
+            return None
+    if not isinstance(data, tf.data.Dataset):
+        return None
+    spec = data.element_spec
+    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
+        return None
+    if not all(isinstance(leaf, tf.TensorSpec) for leaf in tf.nest.flatten(spec)):
+        return None
+    return data
+
+
+def fit_pass(
+    model: keras.Model,
+    likelihood: Likelihood,
+    data: Any,
+    batch_size: int,
+    step,
+    seed: int,
+    state: Sequence[tf.Variable],
+    *,
+    compiled=None,
+    progress: Callable[[int], None] | None = None,
+    on_first: Callable[[Any], None] | None = None,
+) -> tf.Tensor:
+    """One checked pass of ``step`` (a :func:`checked_step` that adds into the variables
+    ``state`` and returns the batch's counts) over ``data``; returns the summed counts
+    ``[examples, rows, C]``. ``on_first(x)`` is called with the first batch's inputs.
+
+    With ``compiled`` (a :func:`compiled_pass` of ``step``) and data that
+    :func:`as_dataset` accepts, the first batch is checked and stepped here and the rest
+    read in one compiled call: no Python call per batch (``progress`` needs one, so it
+    takes the Python loop). When a batch there is faulty or an op refuses one, ``state``
+    is zeroed and the pass starts again in Python, where :class:`CheckedPass` names it.
+    """
+    if compiled is not None and progress is None:
+        dataset = as_dataset(model, data, batch_size)
+        if dataset is not None:
+            counts = _compiled(model, likelihood, dataset, step, compiled, seed, state, on_first)
+            if counts is not None:
+                return counts
+            for variable in state:
+                variable.assign(tf.zeros_like(variable))
+    tally = Tally()
+    batches = CheckedPass(model, likelihood, data, batch_size)
+    for index, (x, y, w) in enumerate(batches):
+        if index == 0 and on_first is not None:
+            on_first(x)
+        tally.add(batches.run(step, x, y, w, tf.constant([seed, index], tf.int64), *state))
+        if progress is not None:
+            progress(tally.examples)
+    return tf.constant(tally.total[:2].tolist() + [tally.width], tf.float64)
+
+
+def _compiled(model, likelihood, dataset, step, compiled, seed, state, on_first):
+    """:func:`fit_pass` through ``compiled``: the summed counts, or ``None``."""
+    iterator = iter(dataset)  # one iterator: a cached dataset is read once, in full
+    first = next(iterator, None)
+    if first is None:
+        return None  # empty: the Python loop says so
+    x, y, *rest = first
+    weights = rest[0] if rest else None
+    checker = BatchChecker(model, likelihood)
+    count = checker.check_shapes(x, y, weights)
+    if on_first is not None:
+        on_first(x)
+    shape = {"width": checker.n_outputs, "positions": checker.positions}
+    try:
+        flags, counts = step(x, y, weights, tf.constant([seed, 0], tf.int64), *state, **shape)
+    except tf.errors.InvalidArgumentError:
+        checker(x, y, weights)  # a bad value the step tripped on is named here
+        raise
+    checker.verify(x, y, weights, flags, count)
+    try:
+        fault, more = compiled(iterator, tf.constant(seed, tf.int64), *state, **shape)
+    except tf.errors.InvalidArgumentError:
+        return None
+    if bool(fault):
+        return None
+    return tf.concat([counts[:2] + more[:2], counts[2:]], axis=0)
 
 
 def _replicated(model, step):

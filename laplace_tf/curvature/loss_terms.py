@@ -27,11 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import tensorflow as tf
 from keras.src.backend import get_keras_mask
 
-from laplace_tf.curvature.basics import _loss_outputs
+from laplace_tf.curvature.basics import Tally, _loss_outputs  # noqa: F401  (Tally: re-exported)
 from laplace_tf.likelihoods import Likelihood
 
 
@@ -105,54 +104,6 @@ def counts(terms: LossRows) -> tf.Tensor:
         rows = tf.reduce_sum(tf.cast(terms.weights, tf.float64))
     width = tf.cast(tf.shape(terms.rows)[-1], tf.float64)
     return tf.stack([examples, rows, width])
-
-
-class Tally:
-    """The weighted counts of a pass over the data (:func:`counts` of each batch, kept on
-    the device and summed once at the end: no per-batch host read or op unless
-    :attr:`examples` is asked for, for progress reports)."""
-
-    def __init__(self):
-        self._parts: list[tf.Tensor] = []
-        self._total: np.ndarray | None = None
-        self._examples, self._read = 0.0, 0
-
-    def add(self, counts: tf.Tensor) -> None:
-        self._parts.append(counts)
-        self._total = None
-
-    @property
-    def examples(self) -> int:
-        """The weighted examples so far, rounded (reads only the batches not yet read)."""
-        for part in self._parts[self._read :]:
-            self._examples += float(part[0])
-        self._read = len(self._parts)
-        return int(round(self._examples))
-
-    @property
-    def total(self) -> np.ndarray:
-        if self._total is None:
-            self._total = np.sum([part.numpy() for part in self._parts], axis=0)
-        return self._total
-
-    @property
-    def n_data(self) -> int | float:
-        """The weighted number of examples: an ``int`` unless the weights make it fractional."""
-        return _count(float(self.total[0]))
-
-    @property
-    def n_rows(self) -> int | float:
-        """The weighted number of loss rows (examples times positions)."""
-        return _count(float(self.total[1]))
-
-    @property
-    def width(self) -> int:
-        """``C``, the outputs per example and position."""
-        return int(self._parts[-1][2])
-
-
-def _count(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
 
 
 class Columns:

@@ -31,6 +31,7 @@ import tensorflow as tf
 from laplace_tf._checks import positive_int, resolve_seed, unwrap_variable
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf._validation import check_output_activation
+from laplace_tf.curvature.basics import CheckedPass, checked_step
 from laplace_tf.curvature.layers import Explicit, Outer, Patches, PerExample, Rows
 from laplace_tf.curvature.loss_terms import Tally, loss_columns, loss_rows
 from laplace_tf.curvature.loss_terms import counts as loss_counts
@@ -38,7 +39,6 @@ from laplace_tf.curvature.loss_terms import nll as loss_nll
 from laplace_tf.curvature.structured import (
     KINDS,
     _cached,
-    _checked_batches,
     _column_chunk,
     _cut_cotangents,
     _likelihood_key,
@@ -233,10 +233,11 @@ def _accumulate(model, likelihood, data, batch_size, seed, step, progress, varia
     likelihood = get_likelihood(likelihood)
     seed = resolve_seed(seed)
     total, nll, tally = None, 0.0, Tally()
-    for index, (x, y, w) in enumerate(_checked_batches(model, likelihood, data, batch_size)):
+    batches = CheckedPass(model, likelihood, data, batch_size)
+    for index, (x, y, w) in enumerate(batches):
         if index == 0 and variables is not None:
             _warn_fallbacks(model, variables, x)
-        parts, batch_nll, counts = step(x, y, w, tf.constant([seed, index], tf.int64))
+        parts, batch_nll, counts = batches.run(step, x, y, w, tf.constant([seed, index], tf.int64))
         if total is None:
             total = [np.array(p, np.float64) for p in parts]
         else:
@@ -275,8 +276,16 @@ def _structured_step(model, likelihood, kind, params, mc_samples, reducer, batch
         model,
         key,
         variables,
-        lambda: build(model, likelihood, variables, kind, mc_samples, batch_size),
+        lambda: _checked(
+            build(model, likelihood, variables, kind, mc_samples, batch_size), likelihood
+        ),
     )
+
+
+def _checked(built, likelihood):
+    """A builder's ``(step, layout)`` with the step's batch checks compiled in."""
+    step, layout = built
+    return checked_step(step, likelihood), layout
 
 
 def _kron_step(model, likelihood, variables, kind, mc_samples, _batch_size):
