@@ -51,18 +51,34 @@ FALLBACK_CHUNK_ENTRIES = 2**24
 GRADIENT_ENTRIES = 2**24
 
 
-def fold_gradients(add, count, columns, per_example: int, initial):
+def fold_gradients(add, count, columns, per_example: int, initial, block: int = 1):
     """Fold ``add(total, k, start, stop)`` over the columns ``k`` of ``S`` and chunks of
     examples ``[start, stop)`` sized so that ``(stop - start) * per_example`` stays within
-    :data:`GRADIENT_ENTRIES` (``per_example``: the gradient entries of one example)."""
-    chunk = max(1, GRADIENT_ENTRIES // max(1, per_example))
+    :data:`GRADIENT_ENTRIES` (``per_example``: the gradient entries of one example and
+    column). With ``block > 1``, ``k`` is the first of up to ``block`` columns taken
+    together (``add`` reads ``[k, min(k + block, columns))``), the examples chunked for
+    ``block`` columns' entries."""
+    chunk = max(1, GRADIENT_ENTRIES // max(1, per_example * block))
     chunks = (count + chunk - 1) // chunk
+    blocks = (columns + block - 1) // block
 
     def body(total, index):
         start = (index % chunks) * chunk
-        return add(total, index // chunks, start, tf.minimum(start + chunk, count))
+        return add(total, (index // chunks) * block, start, tf.minimum(start + chunk, count))
 
-    return tf.foldl(body, tf.range(columns * chunks), initial, parallel_iterations=1)
+    return tf.foldl(body, tf.range(blocks * chunks), initial, parallel_iterations=1)
+
+
+def column_block(columns: int | None, per_example: int, count: int | None = None) -> int:
+    """Columns of ``S`` whose per-example gradients (``per_example`` entries each) are
+    formed together: all of them when a chunk of examples (``count``, default 32) fits
+    :data:`GRADIENT_ENTRIES` with them, fewer otherwise; 1 when ``columns`` is unknown.
+    One product over a block of columns runs many times faster than one per column on
+    small conv kernels (measured on the benchmark CNN)."""
+    if columns is None:
+        return 1
+    fit = GRADIENT_ENTRIES // max(1, per_example * (count or 32))
+    return max(1, min(columns, fit))
 
 
 class _OneVariable:
@@ -115,8 +131,10 @@ class Patches(_OneVariable):
     """Convolution kernels: ``g[n, k] = reshape(sum_l p[n, l] (x) d[n, k, l], shape)``.
 
     ``p: [N, L, Q]`` are the unfolded input patches, ``d: [N, K, L, O]`` the cotangents at
-    the ``L`` output locations. The curvature is reduced one column at a time, so only
-    ``[N, Q, O]`` per-sample gradients exist at once.
+    the ``L`` output locations. The squares are reduced for a block of columns and a
+    chunk of examples at a time (:func:`column_block`, :func:`fold_gradients`): one
+    product ``p^T [d_k ... d_k+b]`` per block, at most :data:`GRADIENT_ENTRIES` per-sample
+    gradient entries at once.
     """
 
     variable: Any
@@ -132,16 +150,21 @@ class Patches(_OneVariable):
             diagonal = tf.matmul(tf.square(self.patches[:, 0]), squares, transpose_a=True)
             return [tf.reshape(diagonal, self.variable.shape)]
 
-        def add(total, k, start, stop):
-            grads = tf.matmul(
-                self.patches[start:stop], self.cotangents[start:stop, k], transpose_a=True
-            )
-            return total + tf.reduce_sum(tf.square(grads), axis=0)
-
         shape = [self.patches.shape[-1], self.cotangents.shape[-1]]
         count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
+        block = column_block(self.cotangents.shape[1], shape[0] * shape[1])
+
+        def add(total, k, start, stop):
+            # the block's columns side by side: [n, L, b O], one product for all of them
+            deltas = tf.transpose(self.cotangents[start:stop, k : k + block], [0, 2, 1, 3])
+            size = tf.shape(deltas)
+            deltas = tf.reshape(deltas, [size[0], size[1], size[2] * size[3]])
+            grads = tf.matmul(self.patches[start:stop], deltas, transpose_a=True)
+            squares = tf.reduce_sum(tf.square(grads), axis=0)  # [Q, b O]
+            return total + tf.reduce_sum(tf.reshape(squares, [shape[0], -1, shape[1]]), axis=1)
+
         total = fold_gradients(
-            add, count, columns, shape[0] * shape[1], tf.zeros(shape, self.patches.dtype)
+            add, count, columns, shape[0] * shape[1], tf.zeros(shape, self.patches.dtype), block
         )
         return [tf.reshape(total, self.variable.shape)]
 

@@ -67,9 +67,13 @@ UNROLLED_COLUMNS = 16
 COLUMN_ENTRIES_PER_EXAMPLE = 2**15
 #: Column chunks of S beyond the first are folded in one ``tf.while_loop`` (False: the
 #: backward pass is traced once; measured on MobileNetV2's exact GGN, a first fit ~7x
-#: faster, warm fits ~1.7x slower) or unrolled one after another (True: for long fits,
-#: where warm speed matters more than the trace). Either way one chunk at a time.
-UNROLL_COLUMN_CHUNKS = False
+#: faster, warm fits ~1.7x slower; on the benchmark CNN warm steps 2.5x slower) or
+#: unrolled one after another (True: warm speed over tracing). ``None`` (the default):
+#: unrolled when chunks x sites stay within :data:`UNROLLED_SITE_CHUNKS` (small models,
+#: whose backward traces fast), else the loop. Either way one chunk at a time.
+UNROLL_COLUMN_CHUNKS: bool | None = None
+#: Chunks x traced layer sites up to which column chunks are unrolled (see above).
+UNROLLED_SITE_CHUNKS = 64
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
 #: processed in chunks of examples, whatever the user's batch size.
@@ -442,26 +446,31 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
 
         chunk = _column_chunk(sites, columns.count)
         zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
-        totals = fold_column_chunks(squares, columns, chunk, zeros)
+        unroll = UNROLL_COLUMN_CHUNKS
+        if unroll is None:
+            unroll = -(-columns.count // chunk) * len(sites) <= UNROLLED_SITE_CHUNKS
+        totals = fold_column_chunks(squares, columns, chunk, zeros, unroll=unroll)
         return totals, loss_nll(likelihood, terms), loss_counts(terms)
 
     return step
 
 
-def fold_column_chunks(reduce, columns: Columns, chunk: int, zeros: list) -> list[tf.Tensor]:
+def fold_column_chunks(
+    reduce, columns: Columns, chunk: int, zeros: list, *, unroll: bool = False
+) -> list[tf.Tensor]:
     """``sum_j reduce(columns.part(j chunk, chunk))`` over the chunks of ``chunk`` columns
     (the last one zero-padded; zero columns add zero); ``zeros`` are zeros shaped like
     ``reduce``'s results (the loop's first value).
 
     One chunk is back-propagated and reduced at a time, in a ``tf.while_loop`` run one
     iteration after another, so that only one chunk's cut cotangents exist at once and
-    the backward pass is traced once, not once per chunk (or, with
-    :data:`UNROLL_COLUMN_CHUNKS`, unrolled with each chunk waiting for the previous).
+    the backward pass is traced once, not once per chunk (or, with ``unroll``, unrolled
+    with each chunk waiting for the previous; see :data:`UNROLL_COLUMN_CHUNKS`).
     """
     count = columns.count
     if count <= chunk:
         return reduce(columns.part(0, count))
-    if UNROLL_COLUMN_CHUNKS:
+    if unroll:
         totals = None
         for start in range(0, count, chunk):  # each chunk waits for the previous one's sums
             with tf.control_dependencies([] if totals is None else totals):
