@@ -2,9 +2,9 @@
 
 For a 784-256-256-10 MLP and a small CNN on 2048 examples (batches of 256), each
 curvature kind is timed against one gradient epoch over the same batches in the same
-process (alternating, medians over repeats), and its peak memory is measured in a
-fresh subprocess against the gradient epoch's. The "fallback" row forces the generic
-per-example path (no layer rules) to show what the rules buy. Each ratio is also
+process (alternating, medians over repeats), and its peak of live tensors in a warm
+run is measured in a fresh subprocess against the gradient epoch's. The "fallback" row
+forces the generic per-example path (no layer rules) to show what the rules buy. Each ratio is also
 given against its FLOP floor (:func:`flop_floor`, from the layer shapes), with
 BackPACK's exact diagonal GGN on the same architectures as a reference line.
 
@@ -95,16 +95,17 @@ def time_methods(name: str, repeats: int, methods) -> dict[str, float]:
 BACKPACK = {"mlp": 2.29, "cnn": 10.3}
 
 
-def flop_floor(model: keras.Model, kind: str, columns: int = CLASSES) -> float:
+def flop_floor(model: keras.Model, kind: str, columns: int = CLASSES - 1) -> float:
     """FLOPs of ``kind`` over those of a gradient epoch, from the layer shapes.
 
     Per example, a Dense or Conv2D layer costs ``F = 2 L Q O`` in the forward (``L``
     output locations, ``Q`` inputs per location, ``O`` outputs), the same again to pass
     a cotangent to its input (``B``, not needed below the first layer) and to form its
     weight gradient (``W``). A gradient epoch costs ``sum F + B + W``. The exact GGN
-    passes ``C`` cotangents down (``C B``); a Dense kernel then needs one squared
-    reduction (``W``: ``(a^2)^T sum_k d_k^2``), a conv kernel one per-example gradient per
-    column (``C W``). The Monte Carlo GGN and the empirical Fisher pass one cotangent
+    passes ``K`` cotangents down (``K B``; ``K = C - 1`` columns for the softmax, whose
+    output Hessian has rank ``C - 1``); a Dense kernel then needs one squared reduction
+    (``W``: ``(a^2)^T sum_k d_k^2``), a conv kernel one per-example gradient per column
+    (``K W``). The Monte Carlo GGN and the empirical Fisher pass one cotangent
     and square one gradient: a gradient epoch's FLOPs (floor 1). Element-wise work
     (activations, pooling, squaring) is left out."""
     gradient = curvature = 0.0
@@ -127,22 +128,19 @@ def flop_floor(model: keras.Model, kind: str, columns: int = CLASSES) -> float:
     return curvature / gradient
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def child_memory(name: str, method: str) -> None:
+    """Peak of live tensors of a warm run above those live before it (TF's CPU BFC
+    allocator statistics): the working set of the method, without tracing and without
+    the pages an allocator keeps (which an RSS peak would count)."""
     model, data = build(name)
     run = method_runner(model, data, method)
     list(data)  # fill the cache before the baseline
-    before = _rss_kib("VmRSS")
-    for _ in range(2):
-        run()
-    print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - before) / 1024}))
+    run()  # warm-up: tracing
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    run()
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    print(json.dumps({"peak_mib": (peak - before) / 2**20}))
 
 
 def measure_memory(name: str, method: str) -> float:
@@ -151,6 +149,7 @@ def measure_memory(name: str, method: str) -> float:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
@@ -173,7 +172,7 @@ def main() -> None:
         model = build(name)[0]
         size = sum(v.shape.num_elements() for v in model.trainable_variables)
         print(f"\n{name}: {size:,} parameters")
-        header = ("method", "time [s]", "x gradient", "floor", "/ floor", "peak [MiB]", "x grad")
+        header = ("method", "time [s]", "x gradient", "floor", "/ floor", "tensors [MiB]", "x grad")
         print(
             f"{header[0]:<10} {header[1]:>9} {header[2]:>11} {header[3]:>6} {header[4]:>8} "
             f"{header[5]:>11} {header[6]:>7}"

@@ -131,6 +131,8 @@ def test_distributed_laplace_equals_single_device(report, name):
     assert got == pytest.approx(want, rel=1e-8)
     got, want = report[f"{name}_lml"]
     assert got == pytest.approx(want, rel=1e-12)
-    assert report[f"{name}_predict"] < 1e-12
-    assert report[f"{name}_predict_nn"] < 1e-12
+    # float64 predictions of posteriors whose optimised priors agree to ~1e-10 (summation
+    # order differs: the replicas' slices, and the single device's compiled pass)
+    assert report[f"{name}_predict"] < 1e-9
+    assert report[f"{name}_predict_nn"] < 1e-9
     assert report[f"{name}_weights_kept"]

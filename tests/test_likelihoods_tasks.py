@@ -482,3 +482,20 @@ def test_classification_tells_labels_from_rows_when_the_shapes_are_unknown():
         eager = (likelihood.nll_rows(f, y), likelihood.loss_gradient(f, y))
         for got, expected in zip(traced, eager, strict=True):
             assert_close(got, expected)
+
+
+@pytest.mark.parametrize("width", [2, 3, 10])
+@pytest.mark.parametrize("scale", [0.1, 3.0, 60.0])
+def test_softmax_hessian_factor_has_rank_c_minus_one(width, scale):
+    """``S`` of the softmax has ``C - 1`` columns (one backward pass saved) and still
+    ``S S^T = diag(p) - p p^T`` (the oracle written out), for flat to saturated logits;
+    finite in float32 too."""
+    rng = np.random.default_rng(width)
+    f = tf.constant(rng.normal(size=(40, width)) * scale)
+    factor = Classification().hessian_factor(f).numpy()
+    assert factor.shape == (40, width, width - 1)
+    expected = softmax_hessian(f.numpy())
+    np.testing.assert_allclose(factor @ factor.transpose(0, 2, 1), expected, atol=1e-15)
+    single = Classification().hessian_factor(tf.cast(f, tf.float32)).numpy()
+    assert np.isfinite(single).all()
+    np.testing.assert_allclose(single @ single.transpose(0, 2, 1), expected, atol=1e-6)

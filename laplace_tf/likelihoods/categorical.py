@@ -23,8 +23,10 @@ class Classification(Likelihood):
     Targets are integer labels in ``[0, C)`` (``[N]`` or ``[N, 1]``), or one row of class
     probabilities per example (``[N, C]``, ``C > 1``: one-hot or soft labels, entries in
     ``[0, 1]`` summing to 1): ``l = -sum_c y_c log softmax(f)_c``. Since the rows sum to
-    one, ``Lambda = diag(p) - p p^T`` whatever the targets and
-    ``S = diag(sqrt(p)) - p sqrt(p)^T`` (``K = C``); the loss gradient is ``p - y``.
+    one, ``Lambda = diag(p) - p p^T`` whatever the targets; it has rank ``C - 1``
+    (``Lambda 1 = 0``), and ``S`` has ``K = C - 1`` columns (:func:`_softmax_root`: one
+    backward pass fewer than the ``C`` of ``diag(sqrt(p)) - p sqrt(p)^T``). The loss
+    gradient is ``p - y``.
     Predictive links: probit, bridge and Monte Carlo over the softmax.
     """
 
@@ -44,8 +46,11 @@ class Classification(Likelihood):
 
     def hessian_factor(self, f):
         p = tf.nn.softmax(f, axis=-1)
-        root = tf.sqrt(p)
-        return tf.linalg.diag(root) - p[:, :, None] * root[:, None, :]
+        width = f.shape[-1]
+        if width is None or width < 2:
+            root = tf.sqrt(p)
+            return tf.linalg.diag(root) - p[:, :, None] * root[:, None, :]
+        return _softmax_root(p, width)
 
     def loss_gradient(self, f, y):
         p = tf.nn.softmax(f, axis=-1)
@@ -173,6 +178,29 @@ class _Bernoulli(Likelihood):
 
     def label_range(self, n_outputs):
         return (0, 2)
+
+
+def _softmax_root(p: tf.Tensor, width: int) -> tf.Tensor:
+    """``R [N, C, C - 1]`` with ``R R^T = diag(p) - p p^T`` for probability rows ``p``.
+
+    The most probable class ``m`` is moved last; on the other classes ``q``, in order,
+    ``diag(q) - q q^T = L L^T`` has the closed-form Cholesky factor ``L_jj = sqrt(q_j
+    s_j+1 / s_j)``, ``L_ij = -q_i sqrt(q_j / (s_j s_j+1))`` (``i > j``), with ``s_j`` the
+    mass of classes ``j`` onwards (``m`` included, so ``s_j >= p_m >= 1 / C``: no
+    division by a small number). Since ``Lambda 1 = 0``, class ``m``'s row is minus the
+    sum of the others."""
+    order = tf.argsort(
+        tf.cast(tf.one_hot(tf.argmax(p, axis=-1), width), tf.int32), axis=-1, stable=True
+    )  # the other classes in order, then m
+    q = tf.gather(p, order, batch_dims=1)
+    mass = tf.math.cumsum(q, axis=-1, reverse=True)  # s_j, j = 0 .. C - 1
+    head, s, s_next = q[:, :-1], mass[:, :-1], mass[:, 1:]
+    diagonal = tf.sqrt(head * s_next / s)
+    below = -head[:, :, None] * tf.sqrt(head / (s * s_next))[:, None, :]
+    lower = tf.linalg.band_part(below, -1, 0) - tf.linalg.band_part(below, 0, 0)
+    lower = lower + tf.linalg.diag(diagonal)  # [N, C - 1, C - 1]
+    rows = tf.concat([lower, -tf.reduce_sum(lower, axis=1, keepdims=True)], axis=1)
+    return tf.gather(rows, tf.argsort(order, axis=-1), batch_dims=1)  # rows back in class order
 
 
 class Binary(_Bernoulli):
