@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any
 
 import keras
@@ -34,3 +36,16 @@ def resolve_seed(seed: int | None) -> int:
 def unwrap_variable(variable: Any) -> Any:
     """The ``tf.Variable`` behind a ``keras.Variable``; anything else unchanged."""
     return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by this function's caller that
+    points at the first frame outside laplace_tf (the user's call), however deep the
+    package's own calls are (they differ between a fit's compiled and Python paths)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -192,6 +192,7 @@ def test_fallback_layers_are_named_once_per_fit_with_their_share():
         laplace_tf.DiagonalLaplace(model, "classification").fit(sequences())
     fallback = [w for w in caught if issubclass(w.category, FallbackWarning)]
     assert len(fallback) == 1
+    assert fallback[0].filename == __file__  # it points at the user's call
     message = str(fallback[0].message)
     # Encoder(8) on 4 x 3 features: 12 * 8 = 96 of the 114 weights
     assert "'encoder' (Encoder, 96 weights, 84%)" in message

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from laplace_tf._checks import positive_int, resolve_seed
+from laplace_tf._checks import positive_int, resolve_seed, user_stacklevel
 from laplace_tf._data import DEFAULT_BATCH_SIZE
 from laplace_tf._validation import check_output_activation, checked_inputs
 from laplace_tf.curvature.basics import (  # noqa: F401  (re-exported for the engines)
@@ -379,7 +379,7 @@ def _warn_fallbacks(model: keras.Model, variables: list, batch: Any) -> None:
         "laplace_tf.curvature.explain(model) lists every weight's rule; subset='last_layer' "
         "or kind='ggn_mc' / 'ef' (one column) are faster.",
         FallbackWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
