@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from laplace_tf._data import DEFAULT_BATCH_SIZE
+from laplace_tf.curvature.full_gram import _flat, _is_bias, _jacobian
 from laplace_tf.curvature.layers import Explicit, Outer, Patches
 from laplace_tf.curvature.loss_terms import output_blocks
-from laplace_tf.curvature.reducers import _flat, _is_bias, _jacobian
 from laplace_tf.curvature.structured import (
     _cached,
     _cut_cotangents,
