@@ -54,9 +54,11 @@ CASES = {
     "conv3d_grouped": ((3, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2, padding="same"), "Conv patches"),  # noqa: E501
     "depthwise1d": ((7, 3), lambda: L.DepthwiseConv1D(3, strides=2, padding="same", depth_multiplier=2, activation="tanh"), "Depthwise patches"),  # noqa: E501
     "depthwise2d": ((5, 6, 2), lambda: L.DepthwiseConv2D((2, 3), dilation_rate=(2, 1), depth_multiplier=2), "Depthwise patches"),  # noqa: E501
+    "depthwise2d_strided": ((7, 6, 2), lambda: L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2), "Depthwise patches"),  # noqa: E501
     "depthwise2d_strided_dilated": ((7, 7, 2), lambda: L.DepthwiseConv2D(2, strides=2, dilation_rate=2, padding="same"), "Depthwise patches"),  # noqa: E501
     "separable1d": ((7, 2), lambda: L.SeparableConv1D(3, 3, strides=2, padding="same", depth_multiplier=2, activation="tanh"), "Separable patches"),  # noqa: E501
     "separable2d": ((5, 5, 2), lambda: L.SeparableConv2D(3, (2, 3), dilation_rate=(1, 2), activation="tanh"), "Separable patches"),  # noqa: E501
+    "separable2d_strided": ((6, 5, 2), lambda: L.SeparableConv2D(3, 3, strides=2, activation="tanh"), "Separable patches"),  # noqa: E501
     "conv1d_transpose": ((4, 2), lambda: L.Conv1DTranspose(3, 3, strides=2, padding="same", output_padding=1, activation="tanh"), "Transposed patches"),  # noqa: E501
     "conv2d_transpose": ((3, 4, 2), lambda: L.Conv2DTranspose(2, (3, 2), strides=(2, 1)), "Transposed patches"),  # noqa: E501
     "conv2d_transpose_dilated": ((4, 4, 2), lambda: L.Conv2DTranspose(2, 3, dilation_rate=2, padding="same"), "Transposed patches"),  # noqa: E501
@@ -143,7 +145,8 @@ def test_rule_matches_fallback(name, monkeypatch):
 
 
 NEW_FACTOR_CASES = (
-    "conv2d_grouped", "conv3d_grouped", "depthwise2d", "separable1d", "conv2d_transpose",
+    "conv2d_grouped", "conv3d_grouped", "depthwise2d", "depthwise2d_strided", "separable1d",
+    "conv2d_transpose",
     "conv3d_transpose", "einsum_dense", "einsum_dense_reduce",
 )  # fmt: skip
 
@@ -170,6 +173,42 @@ def test_dense_grads_agree_with_the_reductions(name):
         assert_close(factor.weighted_gram([tf.constant(weight)]).numpy(), expected)
         checked += 1
     assert checked
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, strides, padding, dilation",
+    [
+        ((9, 8, 3), (3, 3), (2, 2), "same", (1, 1)),
+        ((9, 8, 3), (2, 3), (1, 1), "valid", (1, 1)),
+        ((9, 3), (3,), (2,), "same", (1,)),
+        ((9, 3), (2,), (1,), "valid", (1,)),
+    ],
+)
+def test_depthwise_backward_filter_equals_the_patch_products(
+    shape, kernel, strides, padding, dilation, monkeypatch
+):
+    """The folded backward-filter convolution of :class:`DepthwisePatches` against the
+    unfolded patch products (themselves checked against dense Jacobians above), with
+    examples chunked and columns in blocks (a tiny :data:`layers.GRADIENT_ENTRIES`)."""
+    from laplace_tf.curvature import conv_rules, layers
+
+    window = conv_rules.Window(kernel, strides, dilation, padding)
+    assert conv_rules.DepthwisePatches.applies(window)
+    multiplier, columns, count = 2, 3, 7
+    layer = (L.DepthwiseConv2D if len(kernel) == 2 else L.DepthwiseConv1D)(
+        kernel, strides=strides, padding=padding, depth_multiplier=multiplier
+    )
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(count, *shape)))
+    out = layer(x)
+    delta = tf.constant(rng.normal(size=(count, columns, *out.shape[1:])))
+    factor = conv_rules._depthwise_kernel_factor(layer.kernel, x, delta, window)
+    assert isinstance(factor, conv_rules.DepthwisePatches)
+    expected = conv_rules._unfolded_depthwise(layer.kernel, x, delta, window).sum_squares()
+    size = layer.kernel.shape.num_elements()
+    for entries in (2**24, 2 * size, size):  # all at once; two examples, one column at a time
+        monkeypatch.setattr(layers, "GRADIENT_ENTRIES", entries)
+        assert_close(factor.sum_squares()[0].numpy(), expected[0].numpy())
 
 
 def test_channels_first_is_left_to_the_fallback():
