@@ -180,7 +180,9 @@ def test_dense_grads_agree_with_the_reductions(name):
     [
         ((9, 8, 3), (3, 3), (2, 2), "same", (1, 1)),
         ((9, 8, 3), (2, 3), (1, 1), "valid", (1, 1)),
+        ((9, 8, 3), (5, 4), (2, 2), "same", (1, 1)),  # tiles of 3 x 3, 3 x 1, 2 x 3, 2 x 1
         ((9, 3), (3,), (2,), "same", (1,)),
+        ((9, 3), (7,), (1,), "same", (1,)),
         ((9, 3), (2,), (1,), "valid", (1,)),
     ],
 )
@@ -189,7 +191,8 @@ def test_depthwise_backward_filter_equals_the_patch_products(
 ):
     """The folded backward-filter convolution of :class:`DepthwisePatches` against the
     unfolded patch products (themselves checked against dense Jacobians above), with
-    examples chunked and columns in blocks (a tiny :data:`layers.GRADIENT_ENTRIES`)."""
+    kernels cut into tiles, examples chunked and columns in blocks (a tiny
+    :data:`layers.GRADIENT_ENTRIES`)."""
     from laplace_tf.curvature import conv_rules, layers
 
     window = conv_rules.Window(kernel, strides, dilation, padding)

@@ -213,10 +213,11 @@ class DepthwisePatches:
     ``g[n, k][p, c, m] = sum_l x[n, l + p, c] d[n, k, l, c, m]``, formed without unfolding.
 
     The examples are folded into the channels and a block of columns of ``S`` into the
-    depth multiplier, so one backward-filter depthwise convolution gives the per-example
-    kernels of a chunk of examples and columns (3-9x faster than the patch products of
-    :class:`GroupedPatches` on MobileNetV2's layers, measured, and no ``P``-fold copy of
-    the input). ``x: [N, *spatial, C]`` is the layer input, ``d: [N, K, *spatial, C M]``
+    depth multiplier, so one backward-filter depthwise convolution (per tile of at most
+    :data:`DEPTHWISE_TILE` offsets a side) gives the per-example kernels of a chunk of
+    examples and columns (2-9x faster than the patch products of :class:`GroupedPatches`
+    on the depthwise layers of MobileNetV2 and EfficientNetB0, measured, and no ``P``-fold
+    copy of the input). ``x: [N, *spatial, C]`` is the layer input, ``d: [N, K, *spatial, C M]``
     the cotangents; the GLM Gram and the dense gradients go through the patches.
     """
 
@@ -262,9 +263,23 @@ class DepthwisePatches:
             folded = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, size[1], size[2], -1])
             d = tf.reshape(d, [n, b, out[2], out[3], channels, multiplier])
             d = tf.reshape(tf.transpose(d, [2, 3, 0, 4, 1, 5]), [1, out[2], out[3], -1])
-            grads = tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
-                folded, tf.stack([*kernel, n * channels, b * multiplier]), d, strides, padding
-            )
+            rows = []
+            for top, height in _tiles(kernel[0]):
+                row = []
+                for left, width in _tiles(kernel[1]):
+                    bottom = top + (out[2] - 1) * strides[1] + height
+                    right = left + (out[3] - 1) * strides[2] + width
+                    row.append(
+                        tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+                            folded[:, top:bottom, left:right],
+                            tf.stack([height, width, n * channels, b * multiplier]),
+                            d,
+                            strides,
+                            padding,
+                        )
+                    )
+                rows.append(tf.concat(row, axis=1) if len(row) > 1 else row[0])
+            grads = tf.concat(rows, axis=0) if len(rows) > 1 else rows[0]
             grads = tf.reshape(grads, [*kernel, n, channels, b, multiplier])
             return total + tf.reduce_sum(tf.square(grads), axis=[2, 4])
 
@@ -278,6 +293,16 @@ class DepthwisePatches:
 
     def dense_grads(self) -> list[tf.Tensor]:
         return self._grouped().dense_grads()
+
+
+#: Largest kernel extent TF's CPU backward-filter depthwise kernel runs fast for (5 x 5:
+#: 3-30x slower than the patch products, measured); larger kernels are cut into tiles.
+DEPTHWISE_TILE = 3
+
+
+def _tiles(size: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of the tiles of at most :data:`DEPTHWISE_TILE` offsets."""
+    return [(a, min(DEPTHWISE_TILE, size - a)) for a in range(0, size, DEPTHWISE_TILE)]
 
 
 @dataclass(frozen=True)
