@@ -192,7 +192,7 @@ def test_depthwise_backward_filter_equals_the_patch_products(
     """The folded backward-filter convolution of :class:`DepthwisePatches` against the
     unfolded patch products (themselves checked against dense Jacobians above), with
     kernels cut into tiles, examples chunked and columns in blocks (a tiny
-    :data:`layers.GRADIENT_ENTRIES`)."""
+    :data:`layers.GRADIENT_ENTRIES`); the GLM Gram the same way."""
     from laplace_tf.curvature import conv_rules, layers
 
     window = conv_rules.Window(kernel, strides, dilation, padding)
@@ -212,6 +212,9 @@ def test_depthwise_backward_filter_equals_the_patch_products(
     for entries in (2**24, 2 * size, size):  # all at once; two examples, one column at a time
         monkeypatch.setattr(layers, "GRADIENT_ENTRIES", entries)
         assert_close(factor.sum_squares()[0].numpy(), expected[0].numpy())
+    weights = [tf.constant(rng.uniform(0.1, 2.0, size=layer.kernel.shape))]
+    unfolded = conv_rules._unfolded_depthwise(layer.kernel, x, delta, window)
+    assert_close(factor.weighted_gram(weights).numpy(), unfolded.weighted_gram(weights).numpy())
 
 
 def test_channels_first_is_left_to_the_fallback():

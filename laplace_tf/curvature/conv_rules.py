@@ -217,8 +217,9 @@ class DepthwisePatches:
     :data:`DEPTHWISE_TILE` offsets a side) gives the per-example kernels of a chunk of
     examples and columns (2-9x faster than the patch products of :class:`GroupedPatches`
     on the depthwise layers of MobileNetV2 and EfficientNetB0, measured, and no ``P``-fold
-    copy of the input). ``x: [N, *spatial, C]`` is the layer input, ``d: [N, K, *spatial, C M]``
-    the cotangents; the GLM Gram and the dense gradients go through the patches.
+    copy of the input); the GLM Gram convolves each example with its own weighted kernels
+    the same way. ``x: [N, *spatial, C]`` is the layer input, ``d: [N, K, *spatial, C M]``
+    the cotangents; the dense gradients (for reducers) go through the patches.
     """
 
     variable: Any
@@ -239,8 +240,8 @@ class DepthwisePatches:
         return _unfolded_depthwise(self.variable, self.inputs, self.cotangents, self.window)
 
     def _planar(self):
-        """Inputs ``[N, H, W, C]``, cotangents ``[N, K, H', W', C M]``, the kernel's
-        ``(kh, kw)``, strides and TF padding (1D as ``H = 1``)."""
+        """Inputs ``[N, H, W, C]`` (padded: ``valid`` from here on), cotangents
+        ``[N, K, H', W', C M]``, the kernel's ``(kh, kw)`` and strides (1D as ``H = 1``)."""
         inputs, cotangents, window = self.inputs, self.cotangents, self.window
         kernel = list(window.kernel_size)
         if window.padding == "same":  # padded here: TF's kernel is ~15x slower on small
@@ -248,39 +249,44 @@ class DepthwisePatches:
         if len(kernel) == 1:
             inputs, cotangents, kernel = inputs[:, None], cotangents[:, :, None], [1, *kernel]
         stride = window.strides[0]
-        return inputs, cotangents, kernel, [1, stride, stride, 1], "VALID"
+        return inputs, cotangents, kernel, [1, stride, stride, 1]
+
+    def _kernel_grads(self, x, d, kernel, strides) -> tf.Tensor:
+        """Per-example kernels ``[*kernel, n, C, b, M]`` of inputs ``x [n, H, W, C]`` and
+        cotangents ``d [n, b, H', W', C M]`` (a block of ``b`` columns)."""
+        channels, multiplier = self.variable.shape[-2:]
+        n, b, out = tf.shape(x)[0], tf.shape(d)[1], tf.shape(d)
+        folded = _folded(x)
+        d = tf.reshape(d, [n, b, out[2], out[3], channels, multiplier])
+        d = tf.reshape(tf.transpose(d, [2, 3, 0, 4, 1, 5]), [1, out[2], out[3], -1])
+        rows = []
+        for top, height in _tiles(kernel[0]):
+            row = []
+            for left, width in _tiles(kernel[1]):
+                bottom = top + (out[2] - 1) * strides[1] + height
+                right = left + (out[3] - 1) * strides[2] + width
+                row.append(
+                    tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+                        folded[:, top:bottom, left:right],
+                        tf.stack([height, width, n * channels, b * multiplier]),
+                        d,
+                        strides,
+                        "VALID",
+                    )
+                )
+            rows.append(tf.concat(row, axis=1) if len(row) > 1 else row[0])
+        grads = tf.concat(rows, axis=0) if len(rows) > 1 else rows[0]
+        return tf.reshape(grads, [*kernel, n, channels, b, multiplier])
 
     def sum_squares(self) -> list[tf.Tensor]:
-        inputs, cotangents, kernel, strides, padding = self._planar()
+        inputs, cotangents, kernel, strides = self._planar()
         channels, multiplier = self.variable.shape[-2:]
         per_example = self.variable.shape.num_elements()
         block = column_block(cotangents.shape[1], per_example)
 
         def add(total, k, start, stop):
             x, d = inputs[start:stop], cotangents[start:stop, k : k + block]
-            n, b = tf.shape(x)[0], tf.shape(d)[1]
-            size, out = tf.shape(x), tf.shape(d)
-            folded = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, size[1], size[2], -1])
-            d = tf.reshape(d, [n, b, out[2], out[3], channels, multiplier])
-            d = tf.reshape(tf.transpose(d, [2, 3, 0, 4, 1, 5]), [1, out[2], out[3], -1])
-            rows = []
-            for top, height in _tiles(kernel[0]):
-                row = []
-                for left, width in _tiles(kernel[1]):
-                    bottom = top + (out[2] - 1) * strides[1] + height
-                    right = left + (out[3] - 1) * strides[2] + width
-                    row.append(
-                        tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
-                            folded[:, top:bottom, left:right],
-                            tf.stack([height, width, n * channels, b * multiplier]),
-                            d,
-                            strides,
-                            padding,
-                        )
-                    )
-                rows.append(tf.concat(row, axis=1) if len(row) > 1 else row[0])
-            grads = tf.concat(rows, axis=0) if len(rows) > 1 else rows[0]
-            grads = tf.reshape(grads, [*kernel, n, channels, b, multiplier])
+            grads = self._kernel_grads(x, d, kernel, strides)
             return total + tf.reduce_sum(tf.square(grads), axis=[2, 4])
 
         count, columns = tf.shape(cotangents)[0], tf.shape(cotangents)[1]
@@ -289,10 +295,32 @@ class DepthwisePatches:
         return [tf.reshape(total, self.variable.shape)]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
-        return self._grouped().weighted_gram(weights)
+        """``<g_k, w g_l> = <d_k, A(w * g_l)>`` with ``A`` the layer's own depthwise
+        convolution of each example by its kernel ``w * g_l`` (folded like the inputs)."""
+        inputs, cotangents, kernel, strides = self._planar()
+        channels, multiplier = self.variable.shape[-2:]
+        weight = tf.reshape(tf.cast(weights[0], inputs.dtype), [*kernel, 1, channels, multiplier])
+        n, out = tf.shape(inputs)[0], tf.shape(cotangents)
+        folded = _folded(inputs)
+
+        def column(k):
+            grads = self._kernel_grads(inputs, cotangents[:, k : k + 1], kernel, strides)
+            scaled = tf.reshape(grads[..., 0, :] * weight, [*kernel, n * channels, multiplier])
+            back = tf.nn.depthwise_conv2d(folded, scaled, strides, "VALID")  # [1, H', W', nCM]
+            back = tf.reshape(back, [out[2], out[3], n, channels * multiplier])
+            back = tf.transpose(back, [2, 0, 1, 3])[:, None]
+            return tf.reduce_sum(cotangents * back, axis=[2, 3, 4])
+
+        return columns_gram(column, cotangents)
 
     def dense_grads(self) -> list[tf.Tensor]:
         return self._grouped().dense_grads()
+
+
+def _folded(x: tf.Tensor) -> tf.Tensor:
+    """``[n, H, W, C] -> [1, H, W, n C]``: the examples folded into the channels."""
+    size = tf.shape(x)
+    return tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, size[1], size[2], -1])
 
 
 #: Largest kernel extent TF's CPU backward-filter depthwise kernel runs fast for (5 x 5:
