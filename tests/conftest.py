@@ -25,3 +25,14 @@ def float64():
     keras.config.set_floatx("float64")
     yield
     keras.config.set_floatx(previous)
+
+
+@pytest.fixture(autouse=True)
+def compiled_passes(monkeypatch):
+    """Every dataset the tests fit on, however few its batches, goes through the compiled
+    pass (by default short ones take the Python loop, which the tests reach through
+    ``progress`` and plain iterables), so that its checks and reruns stay covered;
+    ``test_short_datasets_take_the_python_loop`` checks the default."""
+    from laplace_tf.curvature import basics
+
+    monkeypatch.setattr(basics, "COMPILED_PASS_BATCHES", 1)
