@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras import ops
 from oracles import assert_close, dense_jacobian, flat
 
+from laplace_tf._data import batched
 from laplace_tf.curvature import (
     KINDS,
     diagonal,
@@ -576,6 +577,25 @@ def test_compiled_pass_equals_the_python_loop(kind):
         assert_close(flat(compiled.diagonal), expected)
 
 
+@pytest.mark.parametrize(("batches", "compiled"), [(3, False), (8, True)])
+def test_short_datasets_take_the_python_loop(monkeypatch, batches, compiled):
+    """By default a dataset of fewer than ``COMPILED_PASS_BATCHES`` batches takes the
+    Python loop (faster to trace), a longer one the compiled pass; same result."""
+    from laplace_tf.curvature import basics
+
+    monkeypatch.setattr(basics, "COMPILED_PASS_BATCHES", 8)
+    calls = []
+    through = basics._compiled
+    monkeypatch.setattr(basics, "_compiled", lambda *a: calls.append(1) or through(*a))
+    model, x, y = build("tanh_mlp", n=2 * batches)
+    kwargs = {"likelihood": "classification", "kind": "ggn_mc", "seed": 3}
+    fitted = structured.fit_diagonal(model, (x, y), batch_size=2, **kwargs)
+    assert bool(calls) is compiled
+    listed = structured.fit_diagonal(model, list(batched((x, y), 2)), **kwargs)
+    assert_close(flat(fitted.diagonal), flat(listed.diagonal))
+    assert fitted.n_data == listed.n_data == 2 * batches
+
+
 # ---------------------------------------------------------------------------------------
 # 7. GLM output covariance
 # ---------------------------------------------------------------------------------------
@@ -851,3 +871,22 @@ def test_examples_and_columns_in_chunks_give_the_same_diagonal(monkeypatch, unro
     chunked = flat(diagonal(cnn(), (x, y), likelihood="classification", batch_size=N))
     np.testing.assert_allclose(chunked, unchunked, rtol=1e-10, atol=1e-12 * abs(unchunked).max())
     assert_close(chunked, expected)
+
+
+@pytest.mark.parametrize("name", ["cnn", "sequence", "embedding"])
+def test_columns_mapped_in_a_loop_equal_dense_jacobians(monkeypatch, name):
+    """Above ``UNROLLED_BACKWARD_OPS`` (here 0) one backward is traced and mapped over
+    the columns of S: the GGN diagonal and the GLM output covariance stay exact."""
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(structured, "UNROLLED_BACKWARD_OPS", 0)
+    counted = []
+    traced_ops = structured._traced_ops
+    monkeypatch.setattr(structured, "_traced_ops", lambda t: counted.append(1) or traced_ops(t))
+    model, x, y = build(name)
+    got = flat(diagonal(model, (x, y), likelihood="classification", batch_size=4))
+    assert counted and traced_ops(tf.constant(1.0)) == 0  # asked; 0 when eager
+    assert_close(got, dense_ggn_diagonal(model, x, "classification"))
+    weights = [np.full(v.shape, 0.5) for v in model.trainable_variables]
+    _, jac = dense_jacobian(model, x)
+    expected = np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac)
+    assert_close(output_covariance(model, x, weights, batch_size=4).numpy(), expected)

@@ -62,6 +62,10 @@ from laplace_tf.likelihoods import Likelihood, get_likelihood
 
 #: Up to this many columns of S, backward passes are unrolled (faster on CPU than pfor).
 UNROLLED_COLUMNS = 16
+#: Columns are unrolled only while columns x traced operations of the forward pass stay
+#: within this; above it (recurrent and large models, whose backward passes take seconds
+#: to trace) one backward is traced and mapped over the columns in a loop.
+UNROLLED_BACKWARD_OPS = 4_000
 #: Bound on the cut cotangents kept per example while fitting (columns x cut sizes); above
 #: it the columns of S are processed in chunks, trading a little speed for memory.
 COLUMN_ENTRIES_PER_EXAMPLE = 2**15
@@ -412,10 +416,21 @@ def _cut_cotangents(tape, outputs, sites, columns: tf.Tensor) -> list[tf.Tensor]
 
     count = columns.shape[0]
     if count is not None and count <= UNROLLED_COLUMNS:
-        per_column = [backward(columns[k]) for k in range(count)]
-        return [tf.stack(list(grads), axis=1) for grads in zip(*per_column, strict=True)]
+        if count * _traced_ops(outputs) <= UNROLLED_BACKWARD_OPS:
+            per_column = [backward(columns[k]) for k in range(count)]
+            return [tf.stack(list(grads), axis=1) for grads in zip(*per_column, strict=True)]
+        signature = [tf.TensorSpec(None, _accumulation_dtype(cut.dtype)) for cut in cuts]
+        per_column = tf.map_fn(backward, columns, fn_output_signature=signature)
+        return [tf.experimental.numpy.swapaxes(g, 0, 1) for g in per_column]
     per_column = tf.vectorized_map(backward, columns)
     return [tf.experimental.numpy.swapaxes(g, 0, 1) for g in per_column]
+
+
+def _traced_ops(outputs: tf.Tensor) -> int:
+    """The operations traced so far into the graph of ``outputs`` (0 when eager): about
+    what one backward pass to the cuts adds again."""
+    graph = getattr(outputs, "graph", None)
+    return len(graph.get_operations()) if graph is not None and not tf.executing_eagerly() else 0
 
 
 def _site_factors(tape, outputs, sites, columns):
