@@ -25,9 +25,9 @@ from laplace_tf.likelihoods import BUILT_IN, Likelihood
 KINDS = ("ggn", "ggn_mc", "ef", "hessian")
 #: Datasets of fewer batches than this (when their cardinality is known) take the Python
 #: loop, not a :func:`compiled_pass`: the compiled pass saves a Python call and a host
-#: read per batch, but its step is traced for any batch size, which on a first fit traces
-#: and optimises 1.5-2.5x slower than the Python loop's step for the batch's own shape
-#: (BiLSTM exact GGN, one batch: 20 s against 7.5 s, measured).
+#: read per batch, but its step is traced for any batch size, which on a first fit traced
+#: and optimised about 2.5x slower than the Python loop's step for the batch's own shape
+#: (BiLSTM exact GGN, one batch: 20 s against 7.5 s).
 COMPILED_PASS_BATCHES = 8
 
 

@@ -62,9 +62,10 @@ from laplace_tf.likelihoods import Likelihood, get_likelihood
 
 #: Up to this many columns of S, backward passes are unrolled (faster on CPU than pfor).
 UNROLLED_COLUMNS = 16
-#: Columns are unrolled only while columns x traced operations of the forward pass stay
-#: within this; above it (recurrent and large models, whose backward passes take seconds
-#: to trace) one backward is traced and mapped over the columns in a loop.
+#: Columns are unrolled only while columns x the operations traced so far (the forward
+#: pass, and the backward of earlier unrolled chunks) stay within this; above it
+#: (recurrent and large models, whose backward passes take seconds to trace) one
+#: backward is traced and mapped over the columns in a loop.
 UNROLLED_BACKWARD_OPS = 4_000
 #: Bound on the cut cotangents kept per example while fitting (columns x cut sizes); above
 #: it the columns of S are processed in chunks, trading a little speed for memory.
