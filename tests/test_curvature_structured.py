@@ -596,6 +596,31 @@ def test_short_datasets_take_the_python_loop(monkeypatch, batches, compiled):
     assert fitted.n_data == listed.n_data == 2 * batches
 
 
+def test_sums_split_into_groups_stay_exact(monkeypatch):
+    """With ``SUM_CHUNK_ELEMENTS`` small the float64 sums are held in several variables
+    (weights larger than the limit alone, small ones together, the NLL with the last):
+    the empirical Fisher and the NLL are still the naive per-example ones."""
+    from laplace_tf.curvature import basics
+
+    model, x, y = build("cnn")
+    variables = model.trainable_variables
+    monkeypatch.setattr(basics, "SUM_CHUNK_ELEMENTS", 80)
+    groups = basics.sum_groups(variables)
+    sizes = [v.shape.num_elements() for v in variables] + [1]
+    assert sorted(i for g in groups for i in g) == list(range(len(variables) + 1))
+    assert len(groups) > 2 and groups[-1][-1] == len(variables)
+    assert any(sizes[g[0]] > 80 for g in groups)  # a large weight alone
+    weights_of = [[i for i in g if i < len(variables)] for g in groups]
+    assert all(len(g) == 1 or sum(sizes[i] for i in g) <= 80 for g in weights_of)
+    assert any(len(g) > 1 for g in weights_of)  # small weights share a variable
+    kwargs = {"likelihood": "classification", "kind": "ef", "batch_size": 3}
+    fitted = structured.fit_diagonal(model, (x, y), **kwargs)
+    assert_close(flat(fitted.diagonal), naive_empirical_fisher(model, x, y, "classification"))
+    expected_nll = manual_nll("classification", model(x, training=False), y)
+    np.testing.assert_allclose(fitted.nll, float(expected_nll), rtol=1e-10)
+    assert [d.shape for d in fitted.diagonal] == [v.shape for v in variables]
+
+
 # ---------------------------------------------------------------------------------------
 # 7. GLM output covariance
 # ---------------------------------------------------------------------------------------

@@ -36,11 +36,15 @@ from laplace_tf.curvature.basics import (  # noqa: F401  (re-exported for the en
     _loss_outputs,
     _model_variables,
     _replicated,
+    accumulating,
     as_dataset,
     checked_step,
     compiled_pass,
     fit_pass,
     is_piecewise_linear,
+    new_sums,
+    sum_groups,
+    unflattening,
 )
 from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
     HESSIAN_WARN_PARAMS,
@@ -187,25 +191,26 @@ def fit_diagonal(
         )
     seed = resolve_seed(seed)
     kind = "ggn" if kind == "hessian" else kind
-    key = ("diagonal", _likelihood_key(likelihood), kind, mc_samples)
+    groups = sum_groups(variables)
+    key = ("diagonal", _likelihood_key(likelihood), kind, mc_samples, repr(groups))
     step = _cached(
         model,
         key,
         variables,
         lambda: checked_step(
-            _accumulating(
-                _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples))
+            accumulating(
+                _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples)),
+                groups,
             ),
             likelihood,
         ),
     )
 
     run = _cached(model, (*key, "pass"), variables, lambda: compiled_pass(step, likelihood))
-    # This fit's float64 sums (the weights' curvature, flattened, then the NLL), added to
-    # in place by the step: a fresh weight-sized tensor per batch cost ~15% of an MLP
-    # step in allocations, and a variable per weight ~0.35 ms each per fit (measured).
-    size = sum(v.shape.num_elements() for v in variables)
-    total = tf.Variable(tf.zeros([size + 1], tf.float64), trainable=False)
+    # This fit's float64 sums (the weights', then the NLL), in a few variables added to in
+    # place by the step: a fresh weight-sized tensor per batch cost ~15% of an MLP step in
+    # allocations, and a variable per weight ~0.35-0.9 ms each per fit (measured).
+    sums = new_sums(variables, groups)
     counts = fit_pass(
         model,
         likelihood,
@@ -213,47 +218,17 @@ def fit_diagonal(
         batch_size,
         step,
         seed,
-        [total],
+        sums,
         compiled=run,
         progress=progress,
         on_first=lambda x: _warn_fallbacks(model, variables, x),
     )
-    unflatten = _cached(model, (*key, "unflatten"), variables, lambda: _unflattening(variables))
-    *diagonal, nll = unflatten(total)
+    unflatten = _cached(
+        model, (*key, "unflatten"), variables, lambda: unflattening(variables, groups)
+    )
+    *diagonal, nll = unflatten(*sums)
     examples, rows, width = counts.numpy().tolist()
     return CurvatureFit(diagonal, float(nll), _count(examples), int(width), _count(rows))
-
-
-def _unflattening(variables: list):
-    """``total`` (the flat float64 sums, then the NLL) back into tensors shaped and typed
-    like ``variables``, then the NLL: one compiled call (a dozen eager ops cost ~4% of a
-    small model's fit)."""
-    sizes = [v.shape.num_elements() for v in variables]
-
-    @tf.function(autograph=False)
-    def run(total):
-        *parts, nll = tf.split(tf.convert_to_tensor(total), [*sizes, 1])
-        pairs = zip(parts, variables, strict=True)
-        return [*(tf.cast(tf.reshape(p, v.shape), v.dtype) for p, v in pairs), nll[0]]
-
-    return run
-
-
-def _accumulating(step):
-    """``step`` whose sums (flattened, then the NLL) are added to the running float64
-    totals ``total`` (a variable, updated in place) in the same compiled call (compiled by
-    :func:`checked_step`): accurate over millions of examples, and no per-batch eager op
-    (a cast and an add per weight cost more than a small model's whole step). Returns
-    the batch's counts."""
-
-    def run(x, y, weights, seed, total):
-        parts, batch_nll, counts = step(x, y, weights, seed)
-        flat = [tf.reshape(tf.cast(p, tf.float64), [-1]) for p in parts]
-        flat.append(tf.reshape(tf.cast(batch_nll, tf.float64), [1]))
-        with tf.control_dependencies([total.assign_add(tf.concat(flat, axis=0))]):
-            return tf.identity(counts)
-
-    return run
 
 
 def output_covariance(
