@@ -77,7 +77,9 @@ def prior_mean_list(value: Any, variables: list) -> list[tf.Tensor]:
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"prior_mean must be finite, got {value}.")
-        return [tf.fill(v.shape, tf.constant(value, v.dtype)) for v in variables]
+        # One scalar per weight, broadcast where it is used: a weight-sized copy of a
+        # constant cost as much memory as the weights themselves (90 MiB on ResNet50).
+        return [tf.constant(value, v.dtype) for v in variables]
     value = list(value)
     if len(value) != len(variables):
         raise ValueError(f"prior_mean needs {len(variables)} arrays, got {len(value)}.")

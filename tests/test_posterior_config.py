@@ -100,6 +100,28 @@ def test_setters_validate(name, value, message):
     assert float(la.log_marginal_likelihood()) == float(before)
 
 
+def test_a_constant_prior_mean_is_shaped_like_the_weights_and_held_as_scalars():
+    """A scalar prior mean is kept as one scalar per weight (a weight-sized copy of a
+    constant doubled the memory a large model's posterior held) and broadcast where it
+    is read: the public ``prior_mean`` and the marginal likelihood see weight-shaped
+    values, equal to those of the same mean given as arrays."""
+    data = regression_data()
+    model = mlp()
+    scalar = Laplace(model, "regression", prior_mean=0.25).fit(data)
+    arrays = [np.full(v.shape, 0.25) for v in scalar.variables]
+    explicit = Laplace(model, "regression", prior_mean=arrays).fit(data)
+    assert all(m.shape == () for m in scalar._prior_mean)
+    for m, v in zip(scalar.prior_mean, scalar.variables, strict=True):
+        assert m.shape == v.shape and m.dtype == v.dtype
+        np.testing.assert_array_equal(m.numpy(), np.full(v.shape, 0.25))
+    assert float(scalar.log_marginal_likelihood()) == pytest.approx(
+        float(explicit.log_marginal_likelihood()), rel=1e-12
+    )
+    assert float(scalar.log_marginal_likelihood()) != pytest.approx(
+        float(Laplace(model, "regression").fit(data).log_marginal_likelihood()), rel=1e-6
+    )
+
+
 def test_fit_record_is_frozen_and_typed():
     la = Laplace(mlp(), "regression", structure="kron", subset=["head"]).fit(regression_data())
     record = la.record

@@ -192,8 +192,11 @@ class Configuration:
 
     @property
     def prior_mean(self) -> list[tf.Tensor]:
-        """The prior mean, one tensor per selected weight."""
-        return list(self._prior_mean)
+        """The prior mean, one tensor per selected weight (shaped like it)."""
+        return [
+            tf.broadcast_to(m, v.shape)
+            for m, v in zip(self._prior_mean, self.variables, strict=True)
+        ]
 
     @prior_mean.setter
     def prior_mean(self, value: Any) -> None:
