@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras.src.applications.convnext import LayerScale  # ConvNeXt's, a built-in rule
 from oracles import assert_close, dense_jacobian, flat, softmax_hessian
 
 from laplace_tf.curvature import (
@@ -69,6 +70,8 @@ CASES = {
     "einsum_dense_reduce": ((4, 3), lambda: L.EinsumDense("abc,bcd->ad", (2,), bias_axes="d"), "EinsumDense"),  # noqa: E501
     "dense_rank3": ((4, 3), lambda: L.Dense(4, activation="tanh"), "Dense"),
     "dense_rank4": ((2, 3, 3), lambda: L.Dense(2), "Dense"),
+    "layer_scale": ((3, 4), lambda: LayerScale(0.5, 4), "LayerScale"),
+    "layer_scale_image": ((2, 3, 2), lambda: LayerScale(0.1, 2), "LayerScale"),
 }  # fmt: skip
 #: TF's CPU kernels refuse dilated transposed convolutions (the layer itself fails there).
 NEEDS_GPU = {"conv2d_transpose_dilated"}
@@ -330,6 +333,7 @@ def test_piecewise_linear_flag_lives_in_the_registry(scale_rule):
         ((4, 4, 2), lambda: L.GroupNormalization(2), False),
         ((4, 4, 2), lambda: L.LayerNormalization(), False),
         ((4, 4, 2), lambda: L.BatchNormalization(), True),
+        ((4, 4, 2), lambda: LayerScale(0.5, 2), True),
     ],
 )  # fmt: skip
 def test_is_piecewise_linear_for_the_new_layers(shape, layer, expected):

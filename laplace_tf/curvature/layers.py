@@ -45,10 +45,13 @@ from laplace_tf.curvature.registry import rule_for as rule_for
 #: Upper bound on entries of per-example gradients materialised at once by the fallback.
 FALLBACK_CHUNK_ENTRIES = 2**24
 #: Upper bound on the entries of per-example gradients that a factor's ``sum_squares``
-#: forms at once (one column of ``S`` for a chunk of examples; 2**24 entries: 64 MiB in
+#: forms at once (one column of ``S`` for a chunk of examples; 2**22 entries: 16 MiB in
 #: float32). A batch whose ``N`` per-example gradients of one weight would exceed it is
 #: reduced in chunks of examples, so the fit's memory does not grow with ``N x weight``.
-GRADIENT_ENTRIES = 2**24
+#: 2**24 cost ResNet50 (batch 32) 60-100 MiB more live tensors and was no faster
+#: (``ggn_mc`` 1.8-2.2x a gradient epoch either way, exact ``ggn`` 12.3x against 10.3x);
+#: on small kernels (MobileNetV2, EfficientNetB0) the two are within noise (docs).
+GRADIENT_ENTRIES = 2**22
 
 
 def fold_gradients(add, count, columns, per_example: int, initial, block: int = 1):

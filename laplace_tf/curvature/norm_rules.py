@@ -1,4 +1,5 @@
-"""Rules for the normalisation layers: Layer (incl. RMS), Batch (inference) and Group.
+"""Rules for the normalisation layers: Layer (incl. RMS), Batch (inference) and Group,
+and for keras.applications' ``LayerScale`` (ConvNeXt's ``y = gamma * x``).
 
 Each is cut at its output ``y = gamma * n(x) + beta``, linear in ``gamma`` and ``beta``;
 their per-example gradients ``sum n(x) * delta`` and ``sum delta`` over the positions
@@ -76,6 +77,21 @@ def _group_norm_factors(layer, inputs, delta):
     return _affine_factors(normalised, delta, layer.gamma, layer.beta, broadcast)
 
 
+def _layer_scale_factors(layer, inputs, delta):
+    rank = inputs.shape.rank
+    broadcast = [1] * (rank - 2) + list(layer.gamma.shape)  # gamma scales the last axis
+    return _affine_factors(inputs, delta, layer.gamma, None, broadcast)
+
+
+def _layer_scale_type() -> type | None:
+    """keras.applications' ``LayerScale`` (ConvNeXt), private to Keras: None if it moved."""
+    try:
+        from keras.src.applications.convnext import LayerScale
+    except ImportError:
+        return None
+    return LayerScale
+
+
 _L = keras.layers
 register_builtin(
     [_L.LayerNormalization], Rule(_call_layer, _layer_norm_factors, plain, "LayerNormalization")
@@ -89,3 +105,10 @@ register_builtin(
     [_L.GroupNormalization],
     Rule(_call_layer, _group_norm_factors, _group_norm_applies, "GroupNormalization"),
 )
+_LAYER_SCALE = _layer_scale_type()
+if _LAYER_SCALE is not None:  # linear in its input and in gamma
+    register_builtin(
+        [_LAYER_SCALE],
+        Rule(_call_layer, _layer_scale_factors, plain, "LayerScale"),
+        piecewise_linear=True,
+    )
