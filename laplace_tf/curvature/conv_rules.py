@@ -95,11 +95,7 @@ def _conv_forward(layer, inputs):
 
 
 def _conv_factors(layer, inputs, delta):
-    # The patches (a kernel-sized multiple of the input) wait for the cotangents: else
-    # the executor may unfold every layer's input during the forward pass and hold them
-    # all until the backward reaches each (DenseNet121 ggn_mc: 300 -> 195 MiB).
-    with tf.control_dependencies([delta]):
-        patches = unfold(tf.cast(inputs, delta.dtype), Window.of(layer))
+    patches = unfold(tf.cast(inputs, delta.dtype), Window.of(layer))
     if layer.groups == 1:
         shape = tf.shape(patches)
         flat = tf.reshape(patches, [shape[0], shape[1], patches.shape[2] * patches.shape[3]])

@@ -38,11 +38,13 @@ class Site:
             vectorize = vectorizable(self.layer)
             return [PerExample(self.variables, self._call_on, self.inputs, cotangents, vectorize)]
         selected = {id(v) for v in self.variables}
-        return [
-            f
-            for f in self.rule.factors(self.layer, self.inputs, cotangents)
-            if all(id(v) in selected for v in f.variables)
-        ]
+        # What a rule forms from the inputs alone (unfolded patches, normalised inputs)
+        # waits for the cotangents: else the executor may form every layer's during the
+        # forward pass and hold them all until the backward reaches each (DenseNet121
+        # exact ggn: 384-390 -> 239-240 MiB live tensors; docs/benchmarks.md).
+        with tf.control_dependencies([cotangents]):
+            factors = self.rule.factors(self.layer, self.inputs, cotangents)
+        return [f for f in factors if all(id(v) in selected for v in f.variables)]
 
     def _call_on(self, arguments):
         args, kwargs = arguments
