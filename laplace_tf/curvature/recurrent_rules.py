@@ -152,8 +152,10 @@ def _recurrence(layer, cut, mask):
     h = tf.zeros([tf.shape(cut)[0], cell.units], cut.dtype)
     carry, output = h, h
     outputs, previous = [], []
-    for t in range(cut.shape[1]):
-        new_h, new_carry, recurrent_inputs = step(cell, cut[:, t], h, carry)
+    # unstacked, not sliced: the gradient of each slice ``cut[:, t]`` is a cut-sized
+    # tensor of zeros around it (LSTM of 16 steps: backward to the cut 0.6 -> 4 MiB)
+    for t, c_t in enumerate(tf.unstack(cut, axis=1)):
+        new_h, new_carry, recurrent_inputs = step(cell, c_t, h, carry)
         previous.append(recurrent_inputs)
         if mask is None:
             h, carry, output = new_h, new_carry, new_h
