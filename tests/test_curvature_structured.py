@@ -921,3 +921,24 @@ def test_columns_mapped_in_a_loop_equal_dense_jacobians(monkeypatch, name):
     _, jac = dense_jacobian(model, x)
     expected = np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac)
     assert_close(output_covariance(model, x, weights, batch_size=4).numpy(), expected)
+
+
+@pytest.mark.parametrize("name", ["cnn", "sequence"])
+def test_columns_looped_one_at_a_time_equal_dense_jacobians(monkeypatch, name):
+    """Above ``LOOPED_COLUMN_OPS`` (here 0) a diagonal fit back-propagates one column of S
+    at a time in a ``tf.while_loop``; the GGN diagonal stays exact."""
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(structured, "LOOPED_COLUMN_OPS", 0)
+    folds = []
+    fold = structured.fold_column_chunks
+
+    def spied(reduce, columns, chunk, zeros, *, unroll=False):
+        folds.append((columns.count, chunk, unroll))
+        return fold(reduce, columns, chunk, zeros, unroll=unroll)
+
+    monkeypatch.setattr(structured, "fold_column_chunks", spied)
+    model, x, y = build(name)
+    got = flat(diagonal(model, (x, y), likelihood="classification", batch_size=4))
+    assert folds and all(chunk == 1 and not unroll for _, chunk, unroll in folds)
+    assert all(count > 1 for count, _, _ in folds)  # several columns, so the loop ran
+    assert_close(got, dense_ggn_diagonal(model, x, "classification"))
