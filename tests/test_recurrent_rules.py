@@ -169,12 +169,12 @@ def _rule_sum_squares(layer, x, mask, readout):
     if mask is not None:
         set_keras_mask(inputs, tf.constant(mask))
     with tf.GradientTape(persistent=True) as tape:
-        cut, outputs = recurrent_rules._forward(layer, inputs)
+        cut, outputs, saved = recurrent_rules._forward(layer, inputs)
     columns = [
         tape.gradient(outputs, cut, output_gradients=tf.broadcast_to(r, tf.shape(outputs)))
         for r in readout
     ]
-    factors = recurrent_rules._factors(layer, inputs, tf.stack(columns, axis=1))
+    factors = recurrent_rules._factors(layer, saved, tf.stack(columns, axis=1))
     squares = {id(f.variable): f.sum_squares()[0].numpy() for f in factors}
     return outputs, np.concatenate([squares[id(v)].ravel() for v in layer.trainable_variables])
 

@@ -284,6 +284,33 @@ def test_custom_rule_is_used_and_exact(scale_rule):
     assert_close(covariance, np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac))
 
 
+def test_a_rule_whose_forward_saves_tensors_gets_them_in_its_factors():
+    """``forward`` may return ``(cut, outputs, saved)``: ``factors`` then reads ``saved``
+    in place of the layer's inputs (here the inputs doubled, undone in the factors)."""
+    seen = []
+
+    def forward(layer, inputs):
+        z = inputs * layer.w
+        return z, z, {"doubled": 2.0 * inputs}
+
+    def factors(layer, saved, cotangents):
+        seen.append(sorted(saved))
+        return _scale_factors(layer, saved["doubled"] / 2.0, cotangents)
+
+    rule = register_rule(Scale, Rule(forward, factors, name="saving"), piecewise_linear=True)
+    try:
+        model, x, y = _scale_model()
+        weights = _weights(model)
+        ggn, covariance = _fits(model, x, y, weights)
+    finally:
+        unregister_rule(Scale, rule)
+        registry.register_piecewise_linear(Scale, False)
+    assert seen and all(keys == ["doubled"] for keys in seen)
+    f, jac = dense_jacobian(model, x)
+    assert_close(ggn, np.einsum("ncp,ncd,ndp->p", jac, softmax_hessian(f), jac))
+    assert_close(covariance, np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac))
+
+
 def test_without_a_rule_the_custom_layer_takes_the_fallback():
     model, _, _ = _scale_model()
     records = explain(model)

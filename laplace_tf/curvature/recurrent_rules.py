@@ -22,7 +22,8 @@ that of the recurrent part. Keras masking is followed (a masked step keeps the p
 state; its output is the previous one, or zeros with ``zero_output_for_mask``), as is
 ``go_backwards`` (the steps run, and are returned, in reverse). Stateful layers, layers
 returning their state, custom cells and sequences of unknown length take the fallback.
-The recurrence is recomputed (without a tape) when the factors are formed.
+The forward saves each step's inputs and recurrent inputs for the factors (the
+recurrence used to be recomputed when they were formed, tracing and running it again).
 
 Bidirectional layers are cut at both directions' cuts, concatenated; each direction's
 weights get the factors above from its part of the cotangents.
@@ -168,23 +169,22 @@ def _recurrence(layer, cut, mask):
     return tf.stack(outputs, axis=1), tf.stack(previous, axis=1)
 
 
-def _outputs(layer, inputs, cut):
-    """The layer's outputs from its cut (the last step's unless it returns sequences)."""
-    _, mask = _sequences(layer, inputs)
-    outputs, _ = _recurrence(layer, cut, mask)
-    return outputs if layer.return_sequences else outputs[:, -1]
+def _outputs(layer, x, mask, cut):
+    """The layer's outputs from its cut (the last step's unless it returns sequences) and
+    what its factors read: the inputs and recurrent inputs of every step."""
+    outputs, previous = _recurrence(layer, cut, mask)
+    return (outputs if layer.return_sequences else outputs[:, -1]), (x, previous)
 
 
 def _forward(layer, inputs):
-    cut = _cut(layer, _sequences(layer, inputs)[0])
-    return cut, _outputs(layer, inputs, cut)
-
-
-def _factors(layer, inputs, delta):
-    cell = layer.cell
     x, mask = _sequences(layer, inputs)
-    _, previous = _recurrence(layer, _cut(layer, x), mask)
-    x, previous = tf.cast(x, delta.dtype), tf.cast(previous, delta.dtype)
+    cut = _cut(layer, x)
+    return (cut, *_outputs(layer, x, mask, cut))
+
+
+def _factors(layer, saved, delta):
+    cell = layer.cell
+    x, previous = (tf.cast(t, delta.dtype) for t in saved)
     if _is_split_gru(cell):
         delta, delta_recurrent = tf.split(delta, 2, axis=-1)
     else:
@@ -236,24 +236,27 @@ def _bidirectional_applies(layer) -> bool:
 def _bidirectional_forward(layer, inputs):
     """Cut at both directions' input projections, concatenated ``[N, T, G_f + G_b]``."""
     directions = _directions(layer)
-    cut = tf.concat([_cut(d, _sequences(d, inputs)[0]) for d in directions], axis=-1)
+    sequences = [_sequences(d, inputs) for d in directions]
+    cut = tf.concat([_cut(d, x) for d, (x, _) in zip(directions, sequences, strict=True)], -1)
     widths = [_cut_width(d) for d in directions]
-    y, y_rev = (
-        tf.cast(_outputs(d, inputs, part), layer.compute_dtype)
-        for d, part in zip(directions, tf.split(cut, widths, axis=-1), strict=True)
+    parts = tf.split(cut, widths, axis=-1)
+    (y, forward_saved), (y_rev, backward_saved) = (
+        _outputs(d, x, mask, part)
+        for d, (x, mask), part in zip(directions, sequences, parts, strict=True)
     )
+    y, y_rev = tf.cast(y, layer.compute_dtype), tf.cast(y_rev, layer.compute_dtype)
     if layer.return_sequences:
         y_rev = tf.reverse(y_rev, [1])
-    return cut, _MERGES[layer.merge_mode](y, y_rev)
+    return cut, _MERGES[layer.merge_mode](y, y_rev), (forward_saved, backward_saved)
 
 
-def _bidirectional_factors(layer, inputs, delta):
+def _bidirectional_factors(layer, saved, delta):
     directions = _directions(layer)
     parts = tf.split(delta, [_cut_width(d) for d in directions], axis=-1)
     return [
         factor
-        for direction, part in zip(directions, parts, strict=True)
-        for factor in _factors(direction, inputs, part)
+        for direction, part, own in zip(directions, parts, saved, strict=True)
+        for factor in _factors(direction, own, part)
     ]
 
 

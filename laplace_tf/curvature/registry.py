@@ -39,11 +39,14 @@ class Rule:
     forward : callable
         ``forward(layer, inputs) -> (cut, outputs)``: the layer's forward pass on a batch,
         returning the tensor ``z`` at which it is cut (typically the pre-activation) and
-        the layer's outputs computed from ``z``.
+        the layer's outputs computed from ``z``. It may return ``(cut, outputs, saved)``
+        instead: ``saved`` (any nest of tensors the forward computed, e.g. a recurrence's
+        states) is then what ``factors`` receives in place of ``inputs``.
     factors : callable
         ``factors(layer, inputs, cotangents) -> list`` of gradient factors for the layer's
         weights, given the cotangents ``[N, K, *cut.shape[1:]]`` of ``K`` columns at the
-        cut. Every factor implements the factor protocol of :mod:`layers`.
+        cut (``inputs``: the layer's inputs, or what ``forward`` saved). Every factor
+        implements the factor protocol of :mod:`layers`.
     applies : callable, optional
         ``applies(layer) -> bool``: whether this rule handles this instance (e.g. only
         ``channels_last``); a layer no rule applies to goes through the fallback.

@@ -29,7 +29,7 @@ class Site:
 
     layer: Any
     rule: Rule | None
-    inputs: Any  # the layer input (rule) or ``(args, kwargs)`` (fallback)
+    inputs: Any  # the layer input or what the rule's forward saved; fallback: ``(args, kwargs)``
     cut: tf.Tensor
     variables: list = field(default_factory=list)
 
@@ -133,9 +133,9 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
                 inputs = tf.identity(inputs)
                 set_keras_mask(inputs, kwargs["mask"])
             with _autocast(layer):
-                cut, outputs = rule.forward(layer, inputs)
+                cut, outputs, saved = _forward(rule, layer, inputs)
             _propagate_mask(layer, inputs, outputs)
-            sites.append(Site(layer, rule, inputs, cut, variables))
+            sites.append(Site(layer, rule, saved, cut, variables))
             return outputs
         if getattr(layer, "_call_has_mask_arg", False) and kwargs.get("mask") is None and args:
             kwargs["mask"] = get_keras_mask(args[0])
@@ -146,6 +146,16 @@ def _recording(layer, sites: list[Site], selected_ids: set[int]):
         return outputs
 
     return call
+
+
+def _forward(rule: Rule, layer, inputs):
+    """``(cut, outputs, what the rule's factors read)``: the inputs, unless the rule's
+    forward saved something of its own."""
+    result = rule.forward(layer, inputs)
+    if len(result) == 3:
+        return result
+    cut, outputs = result
+    return cut, outputs, inputs
 
 
 #: Layers whose weights are used only by calling their sub-layers, each once, so that
@@ -181,8 +191,8 @@ def _call_recording_inner(layer, inner, sites: list[Site], args, kwargs):
 
     def recording(sublayer, rule, own):
         def call(inputs, *unused_args, **unused_kwargs):
-            cut, outputs = rule.forward(sublayer, inputs)
-            sites.append(Site(sublayer, rule, inputs, cut, own))
+            cut, outputs, saved = _forward(rule, sublayer, inputs)
+            sites.append(Site(sublayer, rule, saved, cut, own))
             return outputs
 
         return call
