@@ -311,6 +311,20 @@ def test_a_rule_whose_forward_saves_tensors_gets_them_in_its_factors():
     assert_close(covariance, np.einsum("ncp,p,ndp->ncd", jac, flat(weights), jac))
 
 
+def test_a_rule_whose_forward_returns_something_else_is_refused_by_name():
+    def forward(layer, inputs):
+        z = inputs * layer.w
+        return z, z, z, z
+
+    rule = register_rule(Scale, Rule(forward, _scale_factors, name="four values"))
+    try:
+        model, x, y = _scale_model()
+        with pytest.raises(TypeError, match="'four values'.*got tuple of 4 values"):
+            explain(model)
+    finally:
+        unregister_rule(Scale, rule)
+
+
 def test_without_a_rule_the_custom_layer_takes_the_fallback():
     model, _, _ = _scale_model()
     records = explain(model)

@@ -152,8 +152,14 @@ def _forward(rule: Rule, layer, inputs):
     """``(cut, outputs, what the rule's factors read)``: the inputs, unless the rule's
     forward saved something of its own."""
     result = rule.forward(layer, inputs)
+    if not isinstance(result, tuple | list) or len(result) not in (2, 3):
+        raise TypeError(
+            f"The forward of rule {rule.name or rule.forward!r} (layer {layer.name!r}) must "
+            f"return (cut, outputs) or (cut, outputs, saved), got {type(result).__name__}"
+            + (f" of {len(result)} values." if isinstance(result, tuple | list) else ".")
+        )
     if len(result) == 3:
-        return result
+        return tuple(result)
     cut, outputs = result
     return cut, outputs, inputs
 
