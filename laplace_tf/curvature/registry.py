@@ -41,7 +41,9 @@ class Rule:
         returning the tensor ``z`` at which it is cut (typically the pre-activation) and
         the layer's outputs computed from ``z``. It may return ``(cut, outputs, saved)``
         instead: ``saved`` (any nest of tensors the forward computed, e.g. a recurrence's
-        states) is then what ``factors`` receives in place of ``inputs``.
+        states) is then what ``factors`` receives in place of ``inputs``. Saved tensors
+        stay alive from the forward pass until the factors are formed, so save what the
+        backward pass keeps anyway, and let ``factors`` form large tensors itself.
     factors : callable
         ``factors(layer, inputs, cotangents) -> list`` of gradient factors for the layer's
         weights, given the cotangents ``[N, K, *cut.shape[1:]]`` of ``K`` columns at the
