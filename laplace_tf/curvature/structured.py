@@ -51,6 +51,7 @@ from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
     _batch_loss,
     _black_box_hessian,
 )
+from laplace_tf.curvature.column_sums import one_column_at_a_time
 from laplace_tf.curvature.layers import Outer, Patches
 from laplace_tf.curvature.loss_terms import (
     Columns,
@@ -92,6 +93,10 @@ UNROLLED_SITE_CHUNKS = 64
 #: first fit 7.0 -> 3.9 s, warm about 10% slower; Transformer 7.3 -> 2.8 MiB, first fit
 #: 2.9 -> 1.6 s, warm the same.
 LOOPED_COLUMN_OPS = 2_000
+#: Whether a step whose factors are all Dense kernels and biases (MLPs) back-propagates
+#: its columns one at a time, folding each into ``sum_k d_k^2`` (:mod:`column_sums`), when
+#: its columns would otherwise be unrolled.
+DENSE_COLUMNS_ONE_AT_A_TIME = True
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
 #: processed in chunks of examples, whatever the user's batch size.
@@ -449,13 +454,11 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         terms = loss_rows(raw, y, weights)
         columns = loss_columns(likelihood, kind, mc_samples, terms, seed)
 
+        def factors_of(part):
+            return _site_factors(tape, raw, sites, part)
+
         def squares(part):
-            totals = {}  # no zeros to add to: each weight's first square is its total
-            for factor in _site_factors(tape, raw, sites, part):
-                for v, square in zip(factor.variables, factor.sum_squares(), strict=True):
-                    square = tf.cast(square, v.dtype)
-                    totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
-            return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
+            return _per_variable(variables, ((f, f.sum_squares()) for f in factors_of(part)))
 
         zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
         unroll = UNROLL_COLUMN_CHUNKS
@@ -465,10 +468,27 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
             chunk = _column_chunk(sites, columns.count)
         if unroll is None:
             unroll = -(-columns.count // chunk) * len(sites) <= UNROLLED_SITE_CHUNKS
-        totals = fold_column_chunks(squares, columns, chunk, zeros, unroll=unroll)
+        totals = None
+        if DENSE_COLUMNS_ONE_AT_A_TIME and columns.count > 1 and (unroll or chunk >= columns.count):
+            pairs = one_column_at_a_time(factors_of, columns)
+            if pairs is not None:
+                totals = _per_variable(variables, ((f, [s]) for f, s in pairs))
+        if totals is None:
+            totals = fold_column_chunks(squares, columns, chunk, zeros, unroll=unroll)
         return totals, loss_nll(likelihood, terms), loss_counts(terms)
 
     return step
+
+
+def _per_variable(variables, pairs) -> list[tf.Tensor]:
+    """The squares of ``(factor, sum_squares)`` pairs summed per weight, in the order of
+    ``variables`` (zeros for a weight no factor covers)."""
+    totals = {}  # no zeros to add to: each weight's first square is its total
+    for factor, squares in pairs:
+        for v, square in zip(factor.variables, squares, strict=True):
+            square = tf.cast(square, v.dtype)
+            totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
+    return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
 
 
 def fold_column_chunks(

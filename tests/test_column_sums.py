@@ -1,0 +1,69 @@
+"""Dense chains back-propagate their columns of S one at a time (``column_sums``)."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+from oracles import assert_close, flat
+from test_curvature_structured import SIGMA, build, dense_ggn_diagonal
+
+from laplace_tf.curvature import diagonal, structured
+
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Fresh compiled steps; records what each trace of ``one_column_at_a_time`` gave."""
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    results = []
+    original = structured.one_column_at_a_time
+
+    def spy(factors_of, columns):
+        result = original(factors_of, columns)
+        results.append((columns.count, result is not None))
+        return result
+
+    monkeypatch.setattr(structured, "one_column_at_a_time", spy)
+    return results
+
+
+@pytest.mark.parametrize("name", ["tanh_mlp", "relu_mlp", "multi_input", "nested"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_dense_chains_one_column_at_a_time_equal_dense_jacobians(spied, name, likelihood):
+    model, x, y = build(name, likelihood)
+    got = diagonal(model, (x, y), likelihood=likelihood, sigma_noise=SIGMA, batch_size=4)
+    got = flat(got)
+    assert spied and all(count > 1 and taken for count, taken in spied)
+    assert_close(got, dense_ggn_diagonal(model, x, likelihood))
+
+
+def test_other_factors_keep_the_column_chunks(spied):
+    """A conv kernel's factor needs every column's cotangents: the path declines."""
+    model, x, y = build("cnn")
+    got = flat(diagonal(model, (x, y), likelihood="classification", batch_size=4))
+    assert spied and not any(taken for _, taken in spied)
+    assert_close(got, dense_ggn_diagonal(model, x, "classification"))
+
+
+def test_monte_carlo_samples_equal_the_stacked_columns(spied, monkeypatch):
+    """Several Monte Carlo draws are columns too: the same draws give the same sums."""
+    model, x, y = build("tanh_mlp")
+
+    def fit():
+        return flat(
+            diagonal(
+                model, (x, y), likelihood="classification", kind="ggn_mc", mc_samples=5,
+                seed=3, batch_size=4,
+            )
+        )  # fmt: skip
+
+    one_at_a_time = fit()
+    assert spied and all(count == 5 and taken for count, taken in spied)
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(structured, "DENSE_COLUMNS_ONE_AT_A_TIME", False)
+    stacked = fit()
+    assert len(spied) == 1  # the switch bypasses the path: no second trace of it
+    np.testing.assert_allclose(one_at_a_time, stacked, rtol=1e-12, atol=1e-14)
