@@ -598,8 +598,9 @@ def test_short_datasets_take_the_python_loop(monkeypatch, batches, compiled):
 
 def test_sums_split_into_groups_stay_exact(monkeypatch):
     """With ``SUM_CHUNK_ELEMENTS`` small the float64 sums are held in several variables
-    (weights larger than the limit alone, small ones together, the NLL with the last):
-    the empirical Fisher and the NLL are still the naive per-example ones."""
+    (the flattened weights cut into equal segments, a large weight over several, small
+    ones together, the NLL last): the empirical Fisher and the NLL are still the naive
+    per-example ones."""
     from laplace_tf.curvature import basics
 
     model, x, y = build("cnn")
@@ -607,12 +608,16 @@ def test_sums_split_into_groups_stay_exact(monkeypatch):
     monkeypatch.setattr(basics, "SUM_CHUNK_ELEMENTS", 80)
     groups = basics.sum_groups(variables)
     sizes = [v.shape.num_elements() for v in variables] + [1]
-    assert sorted(i for g in groups for i in g) == list(range(len(variables) + 1))
-    assert len(groups) > 2 and groups[-1][-1] == len(variables)
-    assert any(sizes[g[0]] > 80 for g in groups)  # a large weight alone
-    weights_of = [[i for i in g if i < len(variables)] for g in groups]
-    assert all(len(g) == 1 or sum(sizes[i] for i in g) <= 80 for g in weights_of)
-    assert any(len(g) > 1 for g in weights_of)  # small weights share a variable
+    ranges = [r for g in groups for r in g]
+    covered = [(i, a, b) for i in range(len(sizes)) for (j, a, b) in ranges if j == i]
+    for i, size in enumerate(sizes):  # each weight's ranges tile it, in order
+        bounds = [(a, b) for j, a, b in covered if j == i]
+        assert bounds[0][0] == 0 and bounds[-1][1] == size
+        assert all(prev[1] == nxt[0] for prev, nxt in zip(bounds[:-1], bounds[1:], strict=True))
+    assert ranges == sorted(ranges) and groups[-1][-1][0] == len(variables)
+    assert all(sum(b - a for _, a, b in g) <= 80 for g in groups)
+    assert any(sum(1 for j, _, _ in ranges if j == i) > 1 for i in range(len(sizes)))
+    assert any(len({j for j, _, _ in g}) > 1 for g in groups)  # weights share a variable
     kwargs = {"likelihood": "classification", "kind": "ef", "batch_size": 3}
     fitted = structured.fit_diagonal(model, (x, y), **kwargs)
     assert_close(flat(fitted.diagonal), naive_empirical_fisher(model, x, y, "classification"))

@@ -29,10 +29,17 @@ KINDS = ("ggn", "ggn_mc", "ef", "hessian")
 #: and optimised about 2.5x slower than the Python loop's step for the batch's own shape
 #: (BiLSTM exact GGN, one batch: 20 s against 7.5 s).
 COMPILED_PASS_BATCHES = 8
-#: A fit's float64 sums are held in variables of at most this many elements (one weight
-#: larger than it gets one of its own), each added to in place: a batch's additions then
-#: need one group's worth of temporaries (float32 and float64 copies), not the model's.
+#: A fit's float64 sums are held in variables of at most this many elements, each added
+#: to in place: a batch's additions then need one variable's worth of temporaries
+#: (float32 and float64 copies), not the model's. The weights, flattened one after
+#: another, are cut into about :data:`SUM_VARIABLES` equal segments (of at least
+#: :data:`SUM_MIN_ELEMENTS`, at most this), a large weight over several.
 SUM_CHUNK_ELEMENTS = 1 << 22
+#: Segments the float64 sums are cut into, unless that makes them smaller than
+#: :data:`SUM_MIN_ELEMENTS` (each variable costs about a millisecond per fit).
+SUM_VARIABLES = 16
+#: The smallest segment of the float64 sums (a model smaller than it has one variable).
+SUM_MIN_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -343,36 +350,41 @@ def _compiled(model, likelihood, dataset, compiled, seed, state, on_first):
     return None if bool(fault) else counts
 
 
-def sum_groups(variables: Sequence[Any]) -> list[list[int]]:
-    """Consecutive weights grouped into float64 sums of at most
-    :data:`SUM_CHUNK_ELEMENTS` elements each; index ``len(variables)`` (the NLL) joins
-    the last group."""
-    groups: list[list[int]] = []
-    size = 0
-    for index, variable in enumerate(variables):
-        elements = variable.shape.num_elements()
-        if not groups or size + elements > SUM_CHUNK_ELEMENTS:
-            groups.append([])
-            size = 0
-        groups[-1].append(index)
-        size += elements
-    groups[-1].append(len(variables))
+def sum_groups(variables: Sequence[Any]) -> list[list[tuple[int, int, int]]]:
+    """The float64 sums' variables: the weights flattened one after another, then the
+    NLL (index ``len(variables)``), cut into segments of equal size (see
+    :data:`SUM_CHUNK_ELEMENTS`); each segment lists its ``(index, start, stop)`` ranges of
+    the flattened weights, so a large weight may span several."""
+    sizes = [v.shape.num_elements() for v in variables] + [1]
+    total = sum(sizes)
+    size = min(SUM_CHUNK_ELEMENTS, max(SUM_MIN_ELEMENTS, -(-total // SUM_VARIABLES)))
+    groups: list[list[tuple[int, int, int]]] = []
+    room = 0
+    for index, elements in enumerate(sizes):
+        start = 0
+        while start < elements:
+            if room == 0:
+                groups.append([])
+                room = size
+            stop = min(elements, start + room)
+            groups[-1].append((index, start, stop))
+            room -= stop - start
+            start = stop
     return groups
 
 
-def new_sums(variables: Sequence[Any], groups: list[list[int]]) -> list[tf.Variable]:
-    """Zeroed float64 variables for the groups of :func:`sum_groups` (the NLL included)."""
-    sizes = [v.shape.num_elements() for v in variables] + [1]
+def new_sums(variables: Sequence[Any], groups: list[list[tuple[int, int, int]]]) -> list:
+    """Zeroed float64 variables for the segments of :func:`sum_groups` (the NLL included)."""
     return [
-        tf.Variable(tf.zeros([sum(sizes[i] for i in group)], tf.float64), trainable=False)
+        tf.Variable(tf.zeros([sum(b - a for _, a, b in group)], tf.float64), trainable=False)
         for group in groups
     ]
 
 
-def accumulating(step, groups: list[list[int]]):
+def accumulating(step, groups: list[list[tuple[int, int, int]]]):
     """``step`` whose sums (the weights', then the NLL) are added to the running float64
     sums (:func:`new_sums`, updated in place) in the same compiled call: accurate over
-    millions of examples, no per-batch eager op, and one group's temporaries at a time.
+    millions of examples, no per-batch eager op, and one segment's temporaries at a time.
     Returns the batch's counts."""
 
     def run(x, y, weights, seed, *sums):
@@ -380,8 +392,11 @@ def accumulating(step, groups: list[list[int]]):
         pieces = [tf.reshape(p, [-1]) for p in [*parts, batch_nll]]
         updates = []
         for group, total in zip(groups, sums, strict=True):
-            dtype = max((pieces[i].dtype for i in group), key=lambda d: d.size)
-            flat = [tf.cast(pieces[i], dtype) for i in group]
+            dtype = max((pieces[i].dtype for i, _, _ in group), key=lambda d: d.size)
+            flat = [
+                tf.cast(pieces[i] if b - a == pieces[i].shape[0] else pieces[i][a:b], dtype)
+                for i, a, b in group
+            ]
             flat = flat[0] if len(flat) == 1 else tf.concat(flat, axis=0)
             updates.append(total.assign_add(tf.cast(flat, tf.float64)))
         with tf.control_dependencies(updates):
@@ -390,7 +405,7 @@ def accumulating(step, groups: list[list[int]]):
     return run
 
 
-def unflattening(variables: Sequence[Any], groups: list[list[int]]):
+def unflattening(variables: Sequence[Any], groups: list[list[tuple[int, int, int]]]):
     """The sums of :func:`accumulating` back into tensors shaped and typed like
     ``variables``, then the NLL (float64): one compiled call (a dozen eager ops cost ~4%
     of a small model's fit)."""
@@ -399,14 +414,17 @@ def unflattening(variables: Sequence[Any], groups: list[list[int]]):
 
     @tf.function(autograph=False)
     def run(*sums):
-        out = [None] * len(shapes)
+        parts = [[] for _ in shapes]
         for group, total in zip(groups, sums, strict=True):
-            sizes = [shapes[i].num_elements() for i in group]
             total = tf.convert_to_tensor(total)
+            sizes = [b - a for _, a, b in group]
             pieces = [total] if len(group) == 1 else tf.split(total, sizes)
-            for i, piece in zip(group, pieces, strict=True):
-                out[i] = tf.cast(tf.reshape(piece, shapes[i]), dtypes[i])
-        return out
+            for (i, _, _), piece in zip(group, pieces, strict=True):
+                parts[i].append(piece)
+        return [
+            tf.cast(tf.reshape(p[0] if len(p) == 1 else tf.concat(p, 0), shape), dtype)
+            for p, shape, dtype in zip(parts, shapes, dtypes, strict=True)
+        ]
 
     return run
 
