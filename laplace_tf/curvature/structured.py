@@ -51,7 +51,7 @@ from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
     _batch_loss,
     _black_box_hessian,
 )
-from laplace_tf.curvature.column_sums import one_column_at_a_time
+from laplace_tf.curvature.column_sums import dense_column_sums
 from laplace_tf.curvature.layers import Outer, Patches
 from laplace_tf.curvature.loss_terms import (
     Columns,
@@ -94,9 +94,9 @@ UNROLLED_SITE_CHUNKS = 64
 #: 2.9 -> 1.6 s, warm the same.
 LOOPED_COLUMN_OPS = 2_000
 #: Whether a step whose factors are all Dense kernels and biases (MLPs) back-propagates
-#: its columns one at a time, folding each into ``sum_k d_k^2`` (:mod:`column_sums`), when
-#: its columns would otherwise be unrolled.
-DENSE_COLUMNS_ONE_AT_A_TIME = True
+#: each column on its own, folding it into ``sum_k d_k^2`` (:mod:`column_sums`), when its
+#: columns would otherwise be unrolled.
+DENSE_COLUMN_SUMS = True
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
 #: processed in chunks of examples, whatever the user's batch size.
@@ -469,8 +469,8 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         if unroll is None:
             unroll = -(-columns.count // chunk) * len(sites) <= UNROLLED_SITE_CHUNKS
         totals = None
-        if DENSE_COLUMNS_ONE_AT_A_TIME and columns.count > 1 and (unroll or chunk >= columns.count):
-            pairs = one_column_at_a_time(factors_of, columns)
+        if DENSE_COLUMN_SUMS and columns.count > 1 and (unroll or chunk >= columns.count):
+            pairs = dense_column_sums(factors_of, columns)
             if pairs is not None:
                 totals = _per_variable(variables, ((f, [s]) for f, s in pairs))
         if totals is None:
