@@ -53,11 +53,16 @@ def test_columns_in_flight_do_not_change_the_sums(spied, monkeypatch, in_flight)
     assert_close(got, dense_ggn_diagonal(model, x, "classification"))
 
 
-def test_other_factors_keep_the_column_chunks(spied):
-    """A conv kernel's factor needs every column's cotangents: the path declines."""
-    model, x, y = build("cnn")
+@pytest.mark.parametrize("name", ["cnn", "embedding", "subclassed"])
+def test_other_factors_keep_the_column_chunks(spied, name):
+    """A conv kernel's or an embedding's factor needs every column's cotangents: the
+    path declines; a model with a fallback site does not try it."""
+    model, x, y = build(name)
     got = flat(diagonal(model, (x, y), likelihood="classification", batch_size=4))
-    assert spied and not any(taken for _, taken in spied)
+    if name == "subclassed":
+        assert not spied
+    else:
+        assert spied and not any(taken for _, taken in spied)
     assert_close(got, dense_ggn_diagonal(model, x, "classification"))
 
 

@@ -469,8 +469,9 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         if unroll is None:
             unroll = -(-columns.count // chunk) * len(sites) <= UNROLLED_SITE_CHUNKS
         totals = None
-        if DENSE_COLUMN_SUMS and columns.count > 1 and (unroll or chunk >= columns.count):
-            pairs = dense_column_sums(factors_of, columns)
+        unrolled = columns.count > 1 and (unroll or chunk >= columns.count)
+        if DENSE_COLUMN_SUMS and unrolled and all(site.rule is not None for site in sites):
+            pairs = dense_column_sums(factors_of, columns)  # None unless Dense and biases
             if pairs is not None:
                 totals = _per_variable(variables, ((f, [s]) for f, s in pairs))
         if totals is None:
