@@ -39,6 +39,7 @@ import tensorflow as tf
 from keras import ops
 
 from laplace_tf._checks import unwrap_variable
+from laplace_tf.curvature import paired
 from laplace_tf.curvature.registry import Rule, register_builtin
 from laplace_tf.curvature.registry import rule_for as rule_for
 
@@ -152,6 +153,9 @@ class Patches(_OneVariable):
             squares = tf.reduce_sum(tf.square(self.cotangents[:, :, 0]), axis=1)  # product
             diagonal = tf.matmul(tf.square(self.patches[:, 0]), squares, transpose_a=True)
             return [tf.reshape(diagonal, self.variable.shape)]
+        if (self.patches.shape[1] or paired.PAIRED_LOCATIONS + 1) <= paired.PAIRED_LOCATIONS:
+            squares = paired.paired_squares(self.patches, self.cotangents, GRADIENT_ENTRIES)
+            return [tf.reshape(squares, self.variable.shape)]
 
         shape = [self.patches.shape[-1], self.cotangents.shape[-1]]
         count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
