@@ -29,15 +29,12 @@ IN_FLIGHT = 2
 
 def _column_sum(factor) -> tf.Tensor:
     if isinstance(factor, Outer):
-        return tf.reduce_sum(tf.square(factor.cotangents), axis=1)  # [N, J]
+        return factor.cotangent_squares()  # [N, J]
     return factor.sum_squares()[0]
 
 
 def _finish(factor, total: tf.Tensor) -> tf.Tensor:
-    if isinstance(factor, Outer):
-        diagonal = tf.matmul(tf.square(factor.inputs), total, transpose_a=True)
-        return tf.reshape(diagonal, factor.variable.shape)
-    return total
+    return factor.from_cotangent_squares(total) if isinstance(factor, Outer) else total
 
 
 def dense_column_sums(factors_of: Callable[[tf.Tensor], list], columns: Columns) -> list | None:

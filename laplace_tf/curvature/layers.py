@@ -101,10 +101,17 @@ class Outer(_OneVariable):
     inputs: tf.Tensor
     cotangents: tf.Tensor
 
-    def sum_squares(self) -> list[tf.Tensor]:
-        squares = tf.reduce_sum(tf.square(self.cotangents), axis=1)
+    def cotangent_squares(self) -> tf.Tensor:
+        """``sum_k d[n, k]^2``, ``[N, J]``: all that :meth:`from_cotangent_squares` reads
+        of the cotangents, so it adds up over chunks of columns."""
+        return tf.reduce_sum(tf.square(self.cotangents), axis=1)
+
+    def from_cotangent_squares(self, squares: tf.Tensor) -> tf.Tensor:
         diagonal = tf.matmul(tf.square(self.inputs), squares, transpose_a=True)
-        return [tf.reshape(diagonal, self.variable.shape)]
+        return tf.reshape(diagonal, self.variable.shape)
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        return [self.from_cotangent_squares(self.cotangent_squares())]
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
         (weight,) = weights
