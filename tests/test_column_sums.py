@@ -78,10 +78,10 @@ def test_monte_carlo_samples_equal_the_stacked_columns(spied, monkeypatch):
             )
         )  # fmt: skip
 
-    one_at_a_time = fit()
+    column_by_column = fit()
     assert spied and all(count == 5 and taken for count, taken in spied)
     monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
     monkeypatch.setattr(structured, "DENSE_COLUMN_SUMS", False)
     stacked = fit()
     assert len(spied) == 1  # the switch bypasses the path: no second trace of it
-    np.testing.assert_allclose(one_at_a_time, stacked, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(column_by_column, stacked, rtol=1e-12, atol=1e-14)

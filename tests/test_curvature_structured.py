@@ -609,9 +609,8 @@ def test_sums_split_into_groups_stay_exact(monkeypatch):
     groups = basics.sum_groups(variables)
     sizes = [v.shape.num_elements() for v in variables] + [1]
     ranges = [r for g in groups for r in g]
-    covered = [(i, a, b) for i in range(len(sizes)) for (j, a, b) in ranges if j == i]
     for i, size in enumerate(sizes):  # each weight's ranges tile it, in order
-        bounds = [(a, b) for j, a, b in covered if j == i]
+        bounds = [(a, b) for j, a, b in ranges if j == i]
         assert bounds[0][0] == 0 and bounds[-1][1] == size
         assert all(prev[1] == nxt[0] for prev, nxt in zip(bounds[:-1], bounds[1:], strict=True))
     assert ranges == sorted(ranges) and groups[-1][-1][0] == len(variables)
