@@ -1,5 +1,6 @@
-"""A convolution's squares from pairs of output locations (``paired``) against explicit
-per-example kernel gradients."""
+"""A convolution's squares, each way :class:`layers.Patches` forms them (from pairs of
+output locations, ``paired``; per example and column for narrow patches; with the
+columns side by side for wide ones), against explicit per-example kernel gradients."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tensorflow as tf
 from oracles import assert_close, flat
 from test_curvature_structured import build, dense_ggn_diagonal
 
-from laplace_tf.curvature import diagonal, paired, structured
+from laplace_tf.curvature import diagonal, layers, paired, structured
 
 
 @pytest.mark.parametrize("locations", [2, 4, 9])
@@ -22,6 +23,21 @@ def test_paired_squares_equal_per_example_gradients(locations, budget):
     d = rng.normal(size=(7, 3, locations, 4))
     grads = np.einsum("nlq,nklo->nkqo", p, d)  # per example and column
     got = paired.paired_squares(tf.constant(p), tf.constant(d), budget)
+    np.testing.assert_allclose(got.numpy(), np.sum(grads**2, axis=(0, 1)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("narrow", [0, 48])  # patches of 5 entries: wide, narrow
+@pytest.mark.parametrize("entries", [2**22, 3 * 5 * 4, 5 * 4])  # all; 1 example; 1 column
+def test_patch_products_equal_per_example_gradients(narrow, entries, monkeypatch):
+    """Both layouts of the per-example products, with examples chunked and columns in
+    blocks under a small :data:`layers.GRADIENT_ENTRIES`."""
+    monkeypatch.setattr(layers, "NARROW_PATCHES", narrow)
+    monkeypatch.setattr(layers, "GRADIENT_ENTRIES", entries)
+    rng = np.random.default_rng(1)
+    p, d = rng.normal(size=(7, 12, 5)), rng.normal(size=(7, 3, 12, 4))
+    variable = tf.Variable(tf.zeros([5, 4], tf.float64))
+    got = layers.Patches(variable, tf.constant(p), tf.constant(d)).sum_squares()[0]
+    grads = np.einsum("nlq,nklo->nkqo", p, d)
     np.testing.assert_allclose(got.numpy(), np.sum(grads**2, axis=(0, 1)), rtol=1e-12)
 
 

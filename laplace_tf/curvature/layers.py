@@ -53,6 +53,14 @@ FALLBACK_CHUNK_ENTRIES = 2**24
 #: (``ggn_mc`` 1.8-2.2x a gradient epoch either way, exact ``ggn`` 12.3x against 10.3x);
 #: on small kernels (MobileNetV2, EfficientNetB0) the two are within noise (docs).
 GRADIENT_ENTRIES = 2**22
+#: Patch sizes ``Q`` (kernel entries per output channel) up to which :class:`Patches`
+#: forms each example's and column's kernel gradient as laid out, ``p_n^T d_nk``, one
+#: broadcast batched product, where larger patches take one product per example over
+#: the columns side by side (``p_n^T [d_nk ... d_nk+b]``), which needs the cotangents
+#: transposed: a copy of ``[N, K, L, O]`` that costs more than the products when ``Q`` is
+#: small (benchmark CNN, first layer ``Q = 9``: 5.5 against 10-12 ms a batch; ``Q = 144``:
+#: 15 against 13 ms).
+NARROW_PATCHES = 48
 
 
 def fold_gradients(add, count, columns, per_example: int, initial, block: int = 1):
@@ -169,6 +177,12 @@ class Patches(_OneVariable):
         block = column_block(self.cotangents.shape[1], shape[0] * shape[1])
 
         def add(total, k, start, stop):
+            if shape[0] <= NARROW_PATCHES:  # one product per example and column, as laid out
+                patches = self.patches[start:stop, None]  # [n, 1, L, Q], broadcast over b
+                grads = tf.matmul(
+                    patches, self.cotangents[start:stop, k : k + block], transpose_a=True
+                )
+                return total + tf.reduce_sum(tf.square(grads), axis=[0, 1])
             # the block's columns side by side: [n, L, b O], one product for all of them
             deltas = tf.transpose(self.cotangents[start:stop, k : k + block], [0, 2, 1, 3])
             size = tf.shape(deltas)
