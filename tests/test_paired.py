@@ -27,10 +27,11 @@ def test_paired_squares_equal_per_example_gradients(locations, budget):
 
 
 @pytest.mark.parametrize("narrow", [0, 48])  # patches of 5 entries: wide, narrow
-@pytest.mark.parametrize("entries", [2**22, 3 * 5 * 4, 5 * 4])  # all; 1 example; 1 column
+@pytest.mark.parametrize("entries", [2**22, 2 * 5 * 4 * 32, 5 * 4])  # blocks of 3, 2, 1
 def test_patch_products_equal_per_example_gradients(narrow, entries, monkeypatch):
-    """Both layouts of the per-example products, with examples chunked and columns in
-    blocks under a small :data:`layers.GRADIENT_ENTRIES`."""
+    """Both layouts of the per-example products, for the columns in blocks of three, of
+    two (the last block one column) and one at a time, one example per chunk (a small
+    :data:`layers.GRADIENT_ENTRIES`)."""
     monkeypatch.setattr(layers, "NARROW_PATCHES", narrow)
     monkeypatch.setattr(layers, "GRADIENT_ENTRIES", entries)
     rng = np.random.default_rng(1)

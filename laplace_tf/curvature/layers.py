@@ -59,7 +59,8 @@ GRADIENT_ENTRIES = 2**22
 #: the columns side by side (``p_n^T [d_nk ... d_nk+b]``), which needs the cotangents
 #: transposed: a copy of ``[N, K, L, O]`` that costs more than the products when ``Q`` is
 #: small (benchmark CNN, first layer ``Q = 9``: 5.5 against 10-12 ms a batch; ``Q = 144``:
-#: 15 against 13 ms).
+#: 15 against 13 ms). Blocks of one column (large models loop over the columns) need no
+#: transposing and keep the one product per example.
 NARROW_PATCHES = 48
 
 
@@ -177,7 +178,7 @@ class Patches(_OneVariable):
         block = column_block(self.cotangents.shape[1], shape[0] * shape[1])
 
         def add(total, k, start, stop):
-            if shape[0] <= NARROW_PATCHES:  # one product per example and column, as laid out
+            if block > 1 and shape[0] <= NARROW_PATCHES:  # per example and column, as laid out
                 patches = self.patches[start:stop, None]  # [n, 1, L, Q], broadcast over b
                 grads = tf.matmul(
                     patches, self.cotangents[start:stop, k : k + block], transpose_a=True
