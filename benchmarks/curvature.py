@@ -10,7 +10,11 @@ a stricter baseline ("x pass"). Each ratio is also
 given against its FLOP floor (:func:`flop_floor`, from the layer shapes), with
 BackPACK's exact diagonal GGN on the same architectures as a reference line.
 
-Run: ``python benchmarks/curvature.py [--repeats 5] [--skip-memory]``.
+With ``--processes P``, each model is timed in ``P`` fresh processes, the models in
+turn, and each ratio is the median over the processes of the ratio within each (with
+its range): the machine's noise between processes is of the order of the gaps measured.
+
+Run: ``python benchmarks/curvature.py [--repeats 5] [--processes 1] [--skip-memory]``.
 """
 
 from __future__ import annotations
@@ -160,32 +164,71 @@ def measure_memory(name: str, method: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def child_times(name: str, repeats: int) -> None:
+    """One process's medians (:func:`time_methods`), printed as JSON for the parent."""
+    print(json.dumps(time_methods(name, repeats, METHODS)))
+
+
+def process_times(name: str, repeats: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child-times", name, "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cell(values: list[float]) -> str:
+    """The median, with the range over processes where there are several."""
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-times", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_memory(*args.child)
         return
+    if args.child_times:
+        child_times(args.child_times, args.repeats)
+        return
+    names = args.models.split(",")
     print(f"{N} examples, batches of {BATCH}, {os.cpu_count()} CPUs, TF {tf.__version__}; "
-          f"medians of {args.repeats} alternating runs")  # fmt: skip
-    for name in args.models.split(","):
-        times = time_methods(name, args.repeats, METHODS)
+          f"medians of {args.repeats} alternating runs"
+          + (f", in each of {args.processes} processes per model, the models in turn "
+             "(ratios: median over the processes, their range in brackets)"
+             if args.processes > 1 else ""))  # fmt: skip
+    if args.processes > 1:
+        runs = {name: [] for name in names}
+        for _ in range(args.processes):
+            for name in names:
+                runs[name].append(process_times(name, args.repeats))
+    else:
+        runs = {name: [time_methods(name, args.repeats, METHODS)] for name in names}
+    for name in names:
+        times = runs[name]
         memory = {} if args.skip_memory else {m: measure_memory(name, m) for m in METHODS}
         model = build(name)[0]
         size = sum(v.shape.num_elements() for v in model.trainable_variables)
         print(f"\n{name}: {size:,} parameters")
-        header = ("method", "time [s]", "x gradient", "x pass", "floor", "/ floor")
+        width = 19 if args.processes > 1 else 11
         print(
-            f"{header[0]:<13} {header[1]:>9} {header[2]:>11} {header[3]:>7} {header[4]:>6} "
-            f"{header[5]:>8} {'tensors [MiB]':>13} {'x grad':>7}"
+            f"{'method':<13} {'time [s]':>9} {'x gradient':>{width}} {'x pass':>{width}} "
+            f"{'floor':>6} {'/ floor':>8} {'tensors [MiB]':>13} {'x grad':>7}"
         )
         for method in METHODS:
-            ratio = times[method] / times["gradient"]
-            strict = times[method] / times["gradient_pass"]
+            ratios = [t[method] / t["gradient"] for t in times]
+            strict = [t[method] / t["gradient_pass"] for t in times]
             floor = flop_floor(model, "ggn" if method == "fallback" else method)
             mem = memory.get(method)
             mem_cells = (
@@ -193,15 +236,17 @@ def main() -> None:
                 if mem is not None
                 else ""
             )
+            seconds = statistics.median(t[method] for t in times)
             print(
-                f"{method:<13} {times[method]:>9.3f} {ratio:>11.2f} {strict:>7.2f} {floor:>6.2f} "
-                f"{ratio / floor:>8.2f} {mem_cells}"
+                f"{method:<13} {seconds:>9.3f} {_cell(ratios):>{width}} {_cell(strict):>{width}} "
+                f"{floor:>6.2f} {statistics.median(ratios) / floor:>8.2f} {mem_cells}"
             )
         if name in BACKPACK:
             floor = flop_floor(model, "ggn")
             print(
-                f"{'BackPACK':<13} {'':>9} {BACKPACK[name]:>11.2f} {'':>7} {floor:>6.2f} "
-                f"{BACKPACK[name] / floor:>8.2f}   (DiagGGNExact, issue 15, torch gradient epoch)"
+                f"{'BackPACK':<13} {'':>9} {BACKPACK[name]:>{width}.2f} {'':>{width}} "
+                f"{floor:>6.2f} {BACKPACK[name] / floor:>8.2f}   "
+                "(DiagGGNExact, issue 15, torch gradient epoch)"
             )
 
 
