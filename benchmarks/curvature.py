@@ -14,7 +14,8 @@ With ``--processes P``, each model is timed in ``P`` fresh processes, the models
 turn, and each ratio is the median over the processes of the ratio within each (with
 its range): the machine's noise between processes is of the order of the gaps measured.
 
-Run: ``python benchmarks/curvature.py [--repeats 5] [--processes 1] [--skip-memory]``.
+Run: ``python benchmarks/curvature.py [--repeats 5] [--processes 1] [--models mlp,cnn]
+[--methods ggn,ggn_mc,ef,fallback] [--skip-memory]``.
 """
 
 from __future__ import annotations
@@ -164,14 +165,15 @@ def measure_memory(name: str, method: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def child_times(name: str, repeats: int) -> None:
+def child_times(name: str, repeats: int, methods) -> None:
     """One process's medians (:func:`time_methods`), printed as JSON for the parent."""
-    print(json.dumps(time_methods(name, repeats, METHODS)))
+    print(json.dumps(time_methods(name, repeats, methods)))
 
 
-def process_times(name: str, repeats: int) -> dict[str, float]:
+def process_times(name: str, repeats: int, methods) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child-times", name, "--repeats", str(repeats)]
     out = subprocess.run(
-        [sys.executable, __file__, "--child-times", name, "--repeats", str(repeats)],
+        [*command, "--methods", ",".join(methods)],
         capture_output=True,
         text=True,
         check=True,
@@ -192,6 +194,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="the methods timed, alternating (the two gradient baselines are always among them)",
+    )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-times", help=argparse.SUPPRESS)
@@ -199,8 +206,12 @@ def main() -> None:
     if args.child:
         child_memory(*args.child)
         return
+    requested = set(args.methods.split(","))
+    if unknown := requested - set(METHODS):
+        parser.error(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
+    methods = [m for m in METHODS if m in requested | {"gradient", "gradient_pass"}]
     if args.child_times:
-        child_times(args.child_times, args.repeats)
+        child_times(args.child_times, args.repeats, methods)
         return
     names = args.models.split(",")
     print(f"{N} examples, batches of {BATCH}, {os.cpu_count()} CPUs, TF {tf.__version__}; "
@@ -212,12 +223,12 @@ def main() -> None:
         runs = {name: [] for name in names}
         for _ in range(args.processes):
             for name in names:
-                runs[name].append(process_times(name, args.repeats))
+                runs[name].append(process_times(name, args.repeats, methods))
     else:
-        runs = {name: [time_methods(name, args.repeats, METHODS)] for name in names}
+        runs = {name: [time_methods(name, args.repeats, methods)] for name in names}
     for name in names:
         times = runs[name]
-        memory = {} if args.skip_memory else {m: measure_memory(name, m) for m in METHODS}
+        memory = {} if args.skip_memory else {m: measure_memory(name, m) for m in methods}
         model = build(name)[0]
         size = sum(v.shape.num_elements() for v in model.trainable_variables)
         print(f"\n{name}: {size:,} parameters")
@@ -226,7 +237,7 @@ def main() -> None:
             f"{'method':<13} {'time [s]':>9} {'x gradient':>{width}} {'x pass':>{width}} "
             f"{'floor':>6} {'/ floor':>8} {'tensors [MiB]':>13} {'x grad':>7}"
         )
-        for method in METHODS:
+        for method in methods:
             ratios = [t[method] / t["gradient"] for t in times]
             strict = [t[method] / t["gradient_pass"] for t in times]
             floor = flop_floor(model, "ggn" if method == "fallback" else method)
