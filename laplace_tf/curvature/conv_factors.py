@@ -6,7 +6,9 @@ Inputs are unfolded into patches ``[N, L, P, C]`` (``P`` kernel offsets, TF padd
 :func:`unfold`. :class:`GroupedPatches` reduces grouped and (dilated) depthwise kernels
 by patch products, :class:`DepthwisePatches` depthwise kernels by backward-filter
 depthwise convolutions with the examples folded into the channels, and
-:class:`TransposedPatches` transposed-convolution kernels from the unfolded cotangents.
+:class:`TransposedPatches` transposed-convolution kernels from the unfolded cotangents,
+and :class:`FoldedPatches` float32 2D kernels, one column of ``S`` at a time, by
+backward-filter convolutions with the examples folded into groups.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from laplace_tf.curvature import paired
 from laplace_tf.curvature.layers import (
+    Patches,
     _OneVariable,
     column_block,
     columns_gram,
@@ -365,6 +369,85 @@ class TransposedPatches(_OneVariable):
         )
         grads = tf.experimental.numpy.swapaxes(per_column, 0, 1)
         return [tf.reshape(grads, tf.concat([tf.shape(grads)[:2], self.variable.shape], 0))]
+
+
+#: Output locations per output channel from which a float32 2D kernel (no groups, unit
+#: dilation), one column of ``S`` at a time, takes :class:`FoldedPatches` (strided kernels
+#: always take it). One column, 32 examples unless stated, median ms, patch products
+#: against folded (3 x 3 ``same`` unless stated; ``L`` locations, ``C -> O`` channels):
+#: L = 64, 128 -> 32: 2.95 / 1.79; 128 -> 16: 2.96 / 1.64; 256 -> 32: 4.59 / 3.37;
+#: 64 -> 64: 1.34 / 1.43; L = 16, 128 -> 32: 1.17 / 1.32; 128 -> 128: 2.29 / 3.91;
+#: L = 256, 64 -> 32: 4.21 / 2.56; 64 -> 64: 4.55 / 3.78; L = 1024, 3 -> 32: 1.02 /
+#: 0.80; 7 x 7 stride 2 ``valid`` on 38 x 38, 3 -> 64: 6.82 / 1.49; 3 x 3 stride 2 on
+#: 16 x 16, 16 -> 16: 2.65 / 0.51; benchmark CNN (256 examples, ``valid``) L = 676, 1 ->
+#: 16: 3.89 / 2.49; L = 121, 16 -> 32: 4.37 / 2.72. Blocks of several columns stay with
+#: the patch products (nine columns of the CNN's layers: 10.1 / 19.5 and 14.4 / 71.6), and
+#: so do 1 x 1 kernels, which unfold into no copies (stride 2 on 8 x 8, 256 -> 512: 2.83 /
+#: 5.17; 256 -> 128: 1.43 / 1.32).
+FOLDED_LOCATIONS_PER_OUTPUT = 2
+
+
+@dataclass(frozen=True)
+class FoldedPatches(Patches):
+    """A float32 2D convolution kernel whose squares, for one column of ``S`` at a time,
+    come from backward-filter convolutions of the layer input ``x: [N, H, W, C]`` with
+    the examples folded into the channels as groups: ``[1, H, W, n C]`` against
+    ``[1, H', W', n O]`` gives the per-example kernels ``[*k, C, n O]`` of a chunk of
+    examples in one call, with no ``P``-fold copy of the input (the unfolded patches stay
+    for the GLM Gram, the reducers and blocks of columns, which use :class:`Patches`;
+    unused, they are pruned from a compiled step). TF's CPU kernel takes no float64 for
+    grouped convolutions: other dtypes take the patch products.
+    """
+
+    inputs: tf.Tensor
+    window: Window
+    spatial: tuple
+
+    @staticmethod
+    def applies(layer, delta: tf.Tensor) -> bool:
+        """``delta: [N, K, H', W', O]``: one column, float32, a plain 2D window of more
+        than one offset, and strides above 1 or at least
+        :data:`FOLDED_LOCATIONS_PER_OUTPUT` locations per output channel (and more than
+        :data:`paired.PAIRED_LOCATIONS` locations)."""
+        if delta.shape.rank != 5 or delta.shape[1] != 1 or delta.dtype != tf.float32:
+            return False
+        if layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1):
+            return False
+        if tuple(layer.kernel_size) == (1, 1):  # no unfolding to save; the products win
+            return False
+        if layer.padding not in ("same", "valid") or None in delta.shape[2:]:
+            return False
+        locations = delta.shape[2] * delta.shape[3]
+        if locations <= paired.PAIRED_LOCATIONS:
+            return False
+        strided = tuple(layer.strides) != (1, 1)
+        return strided or locations >= FOLDED_LOCATIONS_PER_OUTPUT * delta.shape[-1]
+
+    def sum_squares(self) -> list[tf.Tensor]:
+        kernel, window = self.variable.shape, self.window
+        inputs, outputs = kernel[2], kernel[3]
+        strides = [1, *window.strides, 1]
+        padding = window.padding.upper()
+
+        def add(total, k, start, stop):
+            d = tf.reshape(self.cotangents[start:stop, k], [-1, *self.spatial, outputs])
+            with tf.control_dependencies([d]):  # not formed in the forward pass
+                x = _folded(self.inputs[start:stop])
+            n = tf.shape(d)[0]
+            grads = tf.raw_ops.Conv2DBackpropFilter(
+                input=x,
+                filter_sizes=tf.stack([kernel[0], kernel[1], inputs, n * outputs]),
+                out_backprop=_folded(d),
+                strides=strides,
+                padding=padding,
+            )  # [kh, kw, C, n O]
+            grads = tf.reshape(grads, [kernel[0] * kernel[1] * inputs, n, outputs])
+            return total + tf.reduce_sum(tf.square(grads), axis=1)
+
+        count = tf.shape(self.cotangents)[0]
+        shape = [kernel[0] * kernel[1] * inputs, outputs]
+        total = fold_gradients(add, count, 1, shape[0] * shape[1], tf.zeros(shape, tf.float32))
+        return [tf.reshape(total, kernel)]
 
 
 def _grouped_cotangents(delta: tf.Tensor, groups: int) -> tf.Tensor:

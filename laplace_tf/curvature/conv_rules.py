@@ -31,6 +31,7 @@ from keras import ops
 
 from laplace_tf.curvature.conv_factors import (
     DepthwisePatches,
+    FoldedPatches,
     GroupedPatches,
     TransposedPatches,
     Window,
@@ -95,11 +96,17 @@ def _conv_forward(layer, inputs):
 
 
 def _conv_factors(layer, inputs, delta):
-    patches = unfold(tf.cast(inputs, delta.dtype), Window.of(layer))
+    inputs = tf.cast(inputs, delta.dtype)
+    patches = unfold(inputs, Window.of(layer))
     if layer.groups == 1:
         shape = tf.shape(patches)
         flat = tf.reshape(patches, [shape[0], shape[1], patches.shape[2] * patches.shape[3]])
-        kernel = Patches(layer.kernel, flat, _locations(delta, 2))
+        cotangents = _locations(delta, 2)
+        if FoldedPatches.applies(layer, delta):
+            window, spatial = Window.of(layer), tuple(delta.shape[2:4])
+            kernel = FoldedPatches(layer.kernel, flat, cotangents, inputs, window, spatial)
+        else:
+            kernel = Patches(layer.kernel, flat, cotangents)
     else:
         grouped = _grouped(patches, layer.groups)
         kernel = GroupedPatches(layer.kernel, grouped, _grouped_cotangents(delta, layer.groups))
