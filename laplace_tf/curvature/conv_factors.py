@@ -27,6 +27,7 @@ from laplace_tf.curvature.layers import (
     column_block,
     columns_gram,
     fold_gradients,
+    size_of,
 )
 
 
@@ -164,7 +165,7 @@ class GroupedPatches(_OneVariable):
             grads = tf.matmul(patches[start:stop], cotangents[k, start:stop])
             return total + tf.reduce_sum(tf.square(grads), axis=0)
 
-        count, columns = tf.shape(patches)[0], tf.shape(cotangents)[0]
+        count, columns = size_of(patches, 0), size_of(cotangents, 0)
         initial = tf.zeros(self._shape(), self.patches.dtype)
         size = self.variable.shape.num_elements()
         return [self._as_variable(fold_gradients(add, count, columns, size, initial))]
@@ -265,7 +266,7 @@ class DepthwisePatches(_OneVariable):
             grads = self._kernel_grads(_folded(x), d, kernel, strides)
             return total + tf.reduce_sum(tf.square(grads), axis=[2, 4])
 
-        count, columns = tf.shape(cotangents)[0], tf.shape(cotangents)[1]
+        count, columns = size_of(cotangents, 0), size_of(cotangents, 1)
         initial = tf.zeros([*kernel, channels, multiplier], inputs.dtype)
         total = fold_gradients(add, count, columns, per_example, initial, block)
         return [tf.reshape(total, self.variable.shape)]
@@ -342,7 +343,7 @@ class TransposedPatches(_OneVariable):
             grads = tf.matmul(patches, self.inputs[start:stop], transpose_a=True)
             return total + tf.reduce_sum(tf.square(grads), axis=0)
 
-        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
+        count, columns = size_of(self.cotangents, 0), size_of(self.cotangents, 1)
         initial = tf.zeros(self._shape(), self.inputs.dtype)
         size = self.variable.shape.num_elements()
         total = fold_gradients(add, count, columns, size, initial)
@@ -444,7 +445,7 @@ class FoldedPatches(Patches):
             grads = tf.reshape(grads, [kernel[0] * kernel[1] * inputs, n, outputs])
             return total + tf.reduce_sum(tf.square(grads), axis=1)
 
-        count = tf.shape(self.cotangents)[0]
+        count = size_of(self.cotangents, 0)
         shape = [kernel[0] * kernel[1] * inputs, outputs]
         total = fold_gradients(add, count, 1, shape[0] * shape[1], tf.zeros(shape, tf.float32))
         return [tf.reshape(total, kernel)]

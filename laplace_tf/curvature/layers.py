@@ -70,16 +70,27 @@ def fold_gradients(add, count, columns, per_example: int, initial, block: int = 
     :data:`GRADIENT_ENTRIES` (``per_example``: the gradient entries of one example and
     column). With ``block > 1``, ``k`` is the first of up to ``block`` columns taken
     together (``add`` reads ``[k, min(k + block, columns))``), the examples chunked for
-    ``block`` columns' entries."""
+    ``block`` columns' entries. ``count`` and ``columns`` are ints where the shapes are
+    static (:func:`size_of`): one block of one chunk then takes no ``tf.foldl`` (a loop
+    costs tracing and graph optimisation on a first fit; DenseNet121 has 120 of them
+    a column of ``S``)."""
     chunk = max(1, GRADIENT_ENTRIES // max(1, per_example * block))
     chunks = (count + chunk - 1) // chunk
     blocks = (columns + block - 1) // block
+    if isinstance(chunks, int) and isinstance(blocks, int) and chunks * blocks == 1:
+        return add(initial, 0, 0, count)  # one block, one chunk: no loop to trace
 
     def body(total, index):
         start = (index % chunks) * chunk
         return add(total, (index // chunks) * block, start, tf.minimum(start + chunk, count))
 
     return tf.foldl(body, tf.range(blocks * chunks), initial, parallel_iterations=1)
+
+
+def size_of(tensor: tf.Tensor, axis: int):
+    """``tensor``'s size along ``axis``: an int where static, else a scalar tensor."""
+    size = tensor.shape[axis]
+    return size if size is not None else tf.shape(tensor)[axis]
 
 
 def column_block(columns: int | None, per_example: int, count: int | None = None) -> int:
@@ -174,7 +185,7 @@ class Patches(_OneVariable):
             return [tf.reshape(squares, self.variable.shape)]
 
         shape = [self.patches.shape[-1], self.cotangents.shape[-1]]
-        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
+        count, columns = size_of(self.cotangents, 0), size_of(self.cotangents, 1)
         block = column_block(self.cotangents.shape[1], shape[0] * shape[1])
 
         def add(total, k, start, stop):
@@ -272,7 +283,7 @@ class Contraction(_OneVariable):
             grads = tf.einsum(equation, self.inputs[start:stop], self.cotangents[start:stop, k])
             return total + tf.reduce_sum(tf.square(grads), axis=0)
 
-        count, columns = tf.shape(self.cotangents)[0], tf.shape(self.cotangents)[1]
+        count, columns = size_of(self.cotangents, 0), size_of(self.cotangents, 1)
         initial = tf.zeros(self.variable.shape, self.inputs.dtype)
         size = self.variable.shape.num_elements()
         return [fold_gradients(add, count, columns, size, initial)]

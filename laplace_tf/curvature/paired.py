@@ -44,4 +44,6 @@ def paired_squares(patches: tf.Tensor, cotangents: tf.Tensor, budget: int) -> tf
         return total + product
 
     initial = tf.zeros([inputs, outputs], patches.dtype)
+    if patches.shape[0] is not None and patches.shape[0] <= chunk:
+        return add(initial, 0)  # one chunk: no loop to trace
     return tf.foldl(add, tf.range(0, count, chunk), initial, parallel_iterations=1)
