@@ -2,6 +2,7 @@
 
 from laplace_tf.curvature import (  # noqa: F401  (register their rules)
     conv_rules,
+    dense_rules,
     norm_rules,
     recurrent_rules,
 )
