@@ -96,14 +96,14 @@ def _conv_forward(layer, inputs):
 
 
 def _conv_factors(layer, inputs, delta):
-    inputs = tf.cast(inputs, delta.dtype)
-    patches = unfold(inputs, Window.of(layer))
+    inputs, window = tf.cast(inputs, delta.dtype), Window.of(layer)
+    patches = unfold(inputs, window)
     if layer.groups == 1:
         shape = tf.shape(patches)
         flat = tf.reshape(patches, [shape[0], shape[1], patches.shape[2] * patches.shape[3]])
         cotangents = _locations(delta, 2)
         if FoldedPatches.applies(layer, delta):
-            window, spatial = Window.of(layer), tuple(delta.shape[2:4])
+            spatial = tuple(delta.shape[2:4])
             kernel = FoldedPatches(layer.kernel, flat, cotangents, inputs, window, spatial)
         else:
             kernel = Patches(layer.kernel, flat, cotangents)
