@@ -26,7 +26,7 @@ from laplace_tf.curvature import diagonal, layers, structured
 )
 def test_folded_backward_filter_equals_the_patch_products(
     shape, kernel, strides, padding, monkeypatch
-):  # noqa: E501
+):
     """:class:`FoldedPatches` (float32, one column: the examples folded into the groups
     of one backward-filter convolution) against the patch products of :class:`Patches`
     and float64 per-example gradients, all examples at once and one at a time."""
