@@ -50,6 +50,12 @@ CASES = {
     "conv1d_grouped": ((6, 4), lambda: L.Conv1D(4, 2, strides=2, groups=2), "Conv patches"),
     "conv2d": ((5, 6, 2), lambda: L.Conv2D(3, (3, 2), strides=2, padding="same", activation="tanh"), "Conv patches"),  # noqa: E501
     "conv2d_grouped": ((5, 4, 4), lambda: L.Conv2D(6, 2, dilation_rate=(1, 2), groups=2), "Conv patches"),  # noqa: E501
+    # one group per input channel: computed and reduced as depthwise (DepthwisePatches where
+    # TF's kernel applies; the dilated and causal ones by grouped patch products)
+    "conv1d_per_channel_causal": ((7, 2), lambda: L.Conv1D(4, 3, padding="causal", groups=2), "Conv patches"),  # noqa: E501
+    "conv1d_per_channel_strided": ((7, 3), lambda: L.Conv1D(6, 3, strides=2, padding="same", groups=3, activation="tanh"), "Conv patches"),  # noqa: E501
+    "conv2d_per_channel": ((6, 6, 3), lambda: L.Conv2D(6, 5, padding="same", groups=3, activation="tanh"), "Conv patches"),  # noqa: E501
+    "conv2d_per_channel_dilated": ((6, 5, 2), lambda: L.Conv2D(2, 2, dilation_rate=2, groups=2), "Conv patches"),  # noqa: E501
     "conv3d": ((4, 5, 3, 2), lambda: L.Conv3D(3, 2, strides=(1, 2, 1), padding="same", activation="tanh"), "Conv patches"),  # noqa: E501
     "conv3d_dilated": ((5, 4, 5, 1), lambda: L.Conv3D(2, (2, 1, 2), dilation_rate=2), "Conv patches"),  # noqa: E501
     "conv3d_grouped": ((3, 4, 3, 4), lambda: L.Conv3D(4, 2, groups=2, padding="same"), "Conv patches"),  # noqa: E501
@@ -77,7 +83,9 @@ CASES = {
 NEEDS_GPU = {"conv2d_transpose_dilated"}
 #: The fallback's vectorised per-example filter gradients do not run (grouped convolutions
 #: on CPU); the rule runs, and matches dense Jacobians.
-FALLBACK_FAILS = {"conv1d_grouped", "conv2d_grouped", "conv3d_grouped"}
+FALLBACK_FAILS = {"conv1d_grouped", "conv2d_grouped", "conv3d_grouped"} | {
+    name for name in CASES if "per_channel" in name
+}
 NAMES = [
     pytest.param(
         name,
@@ -149,7 +157,7 @@ def test_rule_matches_fallback(name, monkeypatch):
 
 NEW_FACTOR_CASES = (
     "conv2d_grouped", "conv3d_grouped", "depthwise2d", "depthwise2d_strided", "separable1d",
-    "conv2d_transpose",
+    "conv2d_transpose", "conv2d_per_channel", "conv2d_per_channel_dilated",
     "conv3d_transpose", "einsum_dense", "einsum_dense_reduce",
 )  # fmt: skip
 
@@ -218,6 +226,33 @@ def test_depthwise_backward_filter_equals_the_patch_products(
     weights = [tf.constant(rng.uniform(0.1, 2.0, size=layer.kernel.shape))]
     unfolded = conv_rules._unfolded_depthwise(layer.kernel, x, delta, window)
     assert_close(factor.weighted_gram(weights).numpy(), unfolded.weighted_gram(weights).numpy())
+
+
+@pytest.mark.parametrize(
+    "name, factor_class",
+    [
+        ("conv2d_per_channel", "DepthwisePatches"),
+        ("conv1d_per_channel_strided", "DepthwisePatches"),
+        ("conv2d_per_channel_dilated", "GroupedPatches"),  # TF's depthwise kernel: no dilation
+        ("conv1d_per_channel_causal", "GroupedPatches"),
+        ("conv2d_grouped", "GroupedPatches"),  # two channels a group
+    ],
+)
+def test_one_group_per_channel_is_computed_as_depthwise(name, factor_class):
+    """A grouped convolution with one group per input channel (ConvNeXt's depthwise
+    ``Conv2D(groups=C)``): the rule's forward equals the layer's own (which Keras runs
+    through XLA on the CPU) and its kernel takes the depthwise factor where TF's kernel
+    applies (its numbers: the cases above, against dense Jacobians)."""
+    from laplace_tf.curvature import conv_rules
+
+    model, x, _ = build(name)
+    layer = model.layers[2]
+    inputs = model.layers[1](tf.constant(x))
+    z, outputs = conv_rules._conv_forward(layer, inputs)
+    assert_close(outputs.numpy(), layer(inputs).numpy())
+    delta = tf.ones([N, 2, *z.shape[1:]], z.dtype)
+    kernel_factor = conv_rules._conv_factors(layer, inputs, delta)[0]
+    assert type(kernel_factor).__name__ == factor_class
 
 
 def test_channels_first_is_left_to_the_fallback():

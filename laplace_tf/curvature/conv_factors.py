@@ -201,7 +201,9 @@ class DepthwisePatches(_OneVariable):
     on the depthwise layers of MobileNetV2 and EfficientNetB0, measured, and no ``P``-fold
     copy of the input); the GLM Gram convolves each example with its own weighted kernels
     the same way. ``x: [N, *spatial, C]`` is the layer input, ``d: [N, K, *spatial, C M]``
-    the cotangents; the dense gradients (for reducers) go through the patches.
+    the cotangents; the dense gradients (for reducers) go through the patches. The
+    variable may also be a grouped kernel ``[*k, 1, C M]`` with one group per input channel
+    (ConvNeXt's depthwise ``Conv2D(groups=C)``): the same entries in the same order.
     """
 
     variable: Any
@@ -213,6 +215,11 @@ class DepthwisePatches(_OneVariable):
     def applies(window: Window) -> bool:
         """TF's CPU kernel takes neither dilation nor unequal strides."""
         return set(window.dilation) == {1} and len(set(window.strides)) == 1
+
+    def _depth(self) -> tuple[int, int]:
+        """``(C, M)``: the input channels and the depth multiplier."""
+        channels = self.inputs.shape[-1]
+        return channels, self.variable.shape[-2] * self.variable.shape[-1] // channels
 
     def _grouped(self) -> GroupedPatches:
         return _unfolded_depthwise(self.variable, self.inputs, self.cotangents, self.window)
@@ -232,7 +239,7 @@ class DepthwisePatches(_OneVariable):
     def _kernel_grads(self, folded, d, kernel, strides) -> tf.Tensor:
         """Per-example kernels ``[*kernel, n, C, b, M]`` of the :func:`_folded` inputs
         ``[1, H, W, n C]`` and cotangents ``d [n, b, H', W', C M]`` (``b`` columns)."""
-        channels, multiplier = self.variable.shape[-2:]
+        channels, multiplier = self._depth()
         n, b, out = tf.shape(d)[0], tf.shape(d)[1], tf.shape(d)
         d = tf.reshape(d, [n, b, out[2], out[3], channels, multiplier])
         d = tf.reshape(tf.transpose(d, [2, 3, 0, 4, 1, 5]), [1, out[2], out[3], -1])
@@ -257,7 +264,7 @@ class DepthwisePatches(_OneVariable):
 
     def sum_squares(self) -> list[tf.Tensor]:
         inputs, cotangents, kernel, strides = self._planar()
-        channels, multiplier = self.variable.shape[-2:]
+        channels, multiplier = self._depth()
         per_example = self.variable.shape.num_elements()
         block = column_block(cotangents.shape[1], per_example)
 
@@ -275,7 +282,7 @@ class DepthwisePatches(_OneVariable):
         """``<g_k, w g_l> = <d_k, A(w * g_l)>`` with ``A`` the layer's own depthwise
         convolution of each example by its kernel ``w * g_l`` (folded like the inputs)."""
         inputs, cotangents, kernel, strides = self._planar()
-        channels, multiplier = self.variable.shape[-2:]
+        channels, multiplier = self._depth()
         weight = tf.reshape(tf.cast(weights[0], inputs.dtype), [*kernel, 1, channels, multiplier])
         n, out = tf.shape(inputs)[0], tf.shape(cotangents)
         folded = _folded(inputs)
@@ -458,6 +465,6 @@ def _grouped_cotangents(delta: tf.Tensor, groups: int) -> tf.Tensor:
 
 
 def _unfolded_depthwise(kernel, inputs, delta, window: Window) -> GroupedPatches:
-    """``kernel [*k, C, M]``; ``delta [N, K, *spatial, C * M]``."""
+    """``kernel [*k, C, M]`` (or ``[*k, 1, C M]``); ``delta [N, K, *spatial, C * M]``."""
     patches = tf.transpose(unfold(inputs, window), [0, 1, 3, 2])  # [N, L, C, P]
-    return GroupedPatches(kernel, patches, _grouped_cotangents(delta, kernel.shape[-2]))
+    return GroupedPatches(kernel, patches, _grouped_cotangents(delta, inputs.shape[-1]))

@@ -77,19 +77,30 @@ def _grouped(patches: tf.Tensor, groups: int) -> tf.Tensor:
     return tf.reshape(split, [shape[0], shape[1], groups, offsets * channels // groups])
 
 
+def _one_group_per_channel(layer, inputs) -> bool:
+    """A 1D / 2D grouped convolution with one group per input channel: a depthwise one
+    (ConvNeXt's ``Conv2D(groups=C)``), computed and reduced as such. Keras runs grouped
+    convolutions on the CPU through XLA, and each of their backward passes too: ~20 ms a
+    column on ConvNeXtTiny's 8 x 8 maps at batch 32, against ~2 ms as a depthwise one."""
+    return 1 < layer.groups == inputs.shape[-1] and len(layer.kernel_size) <= 2
+
+
 def _conv_forward(layer, inputs):
     inputs = tf.cast(inputs, layer.compute_dtype)
     if layer.padding == "causal":
         left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
         inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
-    z = ops.conv(
-        inputs,
-        layer.kernel,
-        strides=list(layer.strides),
-        padding="valid" if layer.padding == "causal" else layer.padding,
-        dilation_rate=layer.dilation_rate,
-        data_format="channels_last",
-    )
+    options = {
+        "strides": tuple(layer.strides),
+        "padding": "valid" if layer.padding == "causal" else layer.padding,
+        "dilation_rate": layer.dilation_rate,
+        "data_format": "channels_last",
+    }
+    if _one_group_per_channel(layer, inputs):
+        kernel = tf.reshape(layer.kernel, [*layer.kernel_size, layer.groups, -1])
+        z = ops.depthwise_conv(inputs, tf.cast(kernel, layer.compute_dtype), **options)
+    else:
+        z = ops.conv(inputs, layer.kernel, **options)
     if layer.bias is not None:
         z = ops.add(z, layer.bias)
     return z, activate(layer, z)
@@ -97,6 +108,9 @@ def _conv_forward(layer, inputs):
 
 def _conv_factors(layer, inputs, delta):
     inputs, window = tf.cast(inputs, delta.dtype), Window.of(layer)
+    if _one_group_per_channel(layer, inputs) and layer.padding != "causal":
+        kernel = _depthwise_kernel_factor(layer.kernel, inputs, delta, window)
+        return [kernel, *_bias_factor(layer, delta)]
     patches = unfold(inputs, window)
     if layer.groups == 1:
         shape = tf.shape(patches)
