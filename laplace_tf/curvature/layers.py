@@ -132,6 +132,14 @@ class Outer(_OneVariable):
     def sum_squares(self) -> list[tf.Tensor]:
         return [self.from_cotangent_squares(self.cotangent_squares())]
 
+    def column_moments(self) -> tf.Tensor:
+        """What the squares read of the cotangents, adding up over columns of ``S``
+        (:func:`~laplace_tf.curvature.column_sums.moment_fold`)."""
+        return self.cotangent_squares()
+
+    def from_column_moments(self, moments: tf.Tensor) -> list[tf.Tensor]:
+        return [self.from_cotangent_squares(moments)]
+
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
         (weight,) = weights
         weight = tf.reshape(weight, [tf.shape(self.inputs)[-1], -1])
@@ -174,11 +182,30 @@ class Patches(_OneVariable):
     def _column(self, k) -> tf.Tensor:
         return tf.matmul(self.patches, tf.gather(self.cotangents, k, axis=1), transpose_a=True)
 
+    def column_moments(self) -> tf.Tensor | None:
+        """What the squares read of the cotangents where that adds up over the columns of
+        ``S`` (:func:`~laplace_tf.curvature.column_sums.moment_fold`): ``sum_k d_k^2``
+        ``[N, O]`` at one location, :func:`~laplace_tf.curvature.paired.cotangent_pairs`
+        ``[N, P, O]`` at up to :data:`~laplace_tf.curvature.paired.PAIRED_LOCATIONS`;
+        ``None`` on more locations (per-example gradients: nothing adds up)."""
+        locations = self.patches.shape[1]
+        if locations == 1:
+            return tf.reduce_sum(tf.square(self.cotangents[:, :, 0]), axis=1)
+        if locations is not None and locations <= paired.PAIRED_LOCATIONS:
+            return paired.cotangent_pairs(self.cotangents)
+        return None
+
+    def from_column_moments(self, moments: tf.Tensor) -> list[tf.Tensor]:
+        """The squares from :meth:`column_moments` summed over columns."""
+        if self.patches.shape[1] == 1:  # one location: an outer product
+            diagonal = tf.matmul(tf.square(self.patches[:, 0]), moments, transpose_a=True)
+        else:
+            diagonal = paired.pair_products(self.patches, moments, GRADIENT_ENTRIES)
+        return [tf.reshape(diagonal, self.variable.shape)]
+
     def sum_squares(self) -> list[tf.Tensor]:
-        if self.patches.shape[1] == 1:  # one location (e.g. 1 x 1 feature maps): an outer
-            squares = tf.reduce_sum(tf.square(self.cotangents[:, :, 0]), axis=1)  # product
-            diagonal = tf.matmul(tf.square(self.patches[:, 0]), squares, transpose_a=True)
-            return [tf.reshape(diagonal, self.variable.shape)]
+        if self.patches.shape[1] == 1:  # one location (e.g. 1 x 1 feature maps)
+            return self.from_column_moments(self.column_moments())
         if (self.patches.shape[1] or paired.PAIRED_LOCATIONS + 1) <= paired.PAIRED_LOCATIONS:
             squares = paired.paired_squares(self.patches, self.cotangents, GRADIENT_ENTRIES)
             return [tf.reshape(squares, self.variable.shape)]

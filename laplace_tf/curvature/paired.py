@@ -24,22 +24,47 @@ import tensorflow as tf
 PAIRED_LOCATIONS = 9
 
 
+def _pairs(locations: int, dtype) -> tuple[np.ndarray, np.ndarray, tf.Tensor]:
+    first, second = np.triu_indices(locations)
+    twice = tf.constant(np.where(first == second, 1.0, 2.0), dtype)[None, :, None]
+    return first, second, twice
+
+
+def cotangent_pairs(cotangents: tf.Tensor) -> tf.Tensor:
+    """``[N, P, O]``: ``sum_k d_kl * d_kl'`` over the pairs ``l <= l'`` of locations (the
+    off-diagonal ones twice) of cotangents ``[N, K, L, O]``: all that the squares read of
+    the cotangents, so it adds up over the columns of ``S``."""
+    first, second, twice = _pairs(cotangents.shape[2], cotangents.dtype)
+    dd = tf.gather(cotangents, first, axis=2) * tf.gather(cotangents, second, axis=2)
+    return tf.reduce_sum(dd, axis=1) * twice
+
+
+def pair_products(patches: tf.Tensor, pairs: tf.Tensor, budget: int) -> tf.Tensor:
+    """``[Q, O]``: ``sum_n sum_{l <= l'} (p_nl * p_nl')^T pairs_n`` for patches ``[N, L, Q]``
+    and :func:`cotangent_pairs` ``[N, P, O]``, in chunks of examples whose pair products
+    stay within ``budget`` entries."""
+    return _folded(patches, pairs, budget, lambda d: d)
+
+
 def paired_squares(patches: tf.Tensor, cotangents: tf.Tensor, budget: int) -> tf.Tensor:
     """``[Q, O]``: ``sum_n sum_k g_nk^2`` of the kernel gradients ``g_nk = p_n^T d_nk``,
     in chunks of examples whose pair products stay within ``budget`` entries."""
+    return _folded(patches, cotangents, budget, cotangent_pairs)
+
+
+def _folded(patches, cotangents, budget, pairs_of):
     locations, inputs = patches.shape[1], patches.shape[-1]
-    outputs, columns = cotangents.shape[-1], cotangents.shape[1] or 1
-    first, second = np.triu_indices(locations)
-    twice = tf.constant(np.where(first == second, 1.0, 2.0), patches.dtype)[None, :, None]
-    per_example = len(first) * max(inputs, columns * outputs)
+    first, second, _ = _pairs(locations, patches.dtype)
+    columns = cotangents.shape[1] if cotangents.shape.rank == 4 else 1
+    outputs = cotangents.shape[-1]
+    per_example = len(first) * max(inputs, (columns or 1) * outputs)
     chunk = max(1, budget // per_example)
     count = tf.shape(patches)[0]
 
     def add(total, start):
-        p, d = patches[start : start + chunk], cotangents[start : start + chunk]
+        p = patches[start : start + chunk]
         pp = tf.gather(p, first, axis=1) * tf.gather(p, second, axis=1)  # [n, P, Q]
-        dd = tf.gather(d, first, axis=2) * tf.gather(d, second, axis=2)  # [n, K, P, O]
-        dd = tf.reduce_sum(dd, axis=1) * twice
+        dd = pairs_of(cotangents[start : start + chunk])  # [n, P, O]
         product = tf.matmul(tf.reshape(pp, [-1, inputs]), tf.reshape(dd, [-1, outputs]), True)
         return total + product
 

@@ -13,6 +13,7 @@ Shared conventions live in :mod:`basics`, the black-box Hessian in :mod:`black_b
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +52,12 @@ from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
     _batch_loss,
     _black_box_hessian,
 )
-from laplace_tf.curvature.column_sums import dense_column_sums
+from laplace_tf.curvature.column_sums import (
+    dense_column_sums,
+    moment_fold,
+    per_variable,
+    zero_factors,
+)
 from laplace_tf.curvature.layers import Outer, Patches
 from laplace_tf.curvature.loss_terms import (
     Columns,
@@ -423,11 +429,13 @@ def _traced_ops(outputs: tf.Tensor) -> int:
     return len(graph.get_operations()) if graph is not None and not tf.executing_eagerly() else 0
 
 
-def _site_factors(tape, outputs, sites, columns):
-    factors = []
-    for site, cotangent in zip(sites, _cut_cotangents(tape, outputs, sites, columns), strict=True):
-        factors.extend(site.factors(cotangent))
-    return factors
+def _site_factor_lists(tape, outputs, sites, columns) -> list[list]:
+    cotangents = _cut_cotangents(tape, outputs, sites, columns)
+    return [site.factors(cotangent) for site, cotangent in zip(sites, cotangents, strict=True)]
+
+
+def _site_factors(tape, outputs, sites, columns) -> list:
+    return [f for factors in _site_factor_lists(tape, outputs, sites, columns) for f in factors]
 
 
 def _column_chunk(sites, count: int) -> int:
@@ -458,7 +466,7 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
             return _site_factors(tape, raw, sites, part)
 
         def squares(part):
-            return _per_variable(variables, ((f, f.sum_squares()) for f in factors_of(part)))
+            return per_variable(variables, ((f, f.sum_squares()) for f in factors_of(part)))
 
         zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
         unroll = UNROLL_COLUMN_CHUNKS
@@ -473,23 +481,20 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         if DENSE_COLUMN_SUMS and unrolled and all(site.rule is not None for site in sites):
             pairs = dense_column_sums(factors_of, columns)  # None unless Dense and biases
             if pairs is not None:
-                totals = _per_variable(variables, ((f, [s]) for f, s in pairs))
+                totals = per_variable(variables, ((f, [s]) for f, s in pairs))
+        if totals is None and not unroll and columns.count > chunk:
+            # the columns loop: factors whose squares read summed moments of the cotangents
+            # carry those through it (one product with their inputs after the loop)
+            per_site = functools.partial(_site_factor_lists, tape, raw, sites)
+            moments = moment_fold(per_site, zero_factors(sites, chunk), variables)
+            if moments is not None:
+                reduce, initial, finish = moments
+                totals = finish(fold_column_chunks(reduce, columns, chunk, initial))
         if totals is None:
             totals = fold_column_chunks(squares, columns, chunk, zeros, unroll=unroll)
         return totals, loss_nll(likelihood, terms), loss_counts(terms)
 
     return step
-
-
-def _per_variable(variables, pairs) -> list[tf.Tensor]:
-    """The squares of ``(factor, sum_squares)`` pairs summed per weight, in the order of
-    ``variables`` (zeros for a weight no factor covers)."""
-    totals = {}  # no zeros to add to: each weight's first square is its total
-    for factor, squares in pairs:
-        for v, square in zip(factor.variables, squares, strict=True):
-            square = tf.cast(square, v.dtype)
-            totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
-    return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
 
 
 def fold_column_chunks(
