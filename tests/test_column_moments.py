@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from oracles import assert_close, dense_jacobian, flat, softmax_hessian
 
-from laplace_tf.curvature import column_sums, diagonal, layers, norm_rules, structured
+from laplace_tf.curvature import column_sums, diagonal, layers, structured
 
 pytestmark = pytest.mark.usefixtures("float64")
 L = keras.layers
@@ -24,15 +24,10 @@ def _model() -> keras.Model:
     inp = keras.Input((6, 6, 2))
     h = L.Conv2D(3, 3, strides=2, padding="same", activation="tanh")(inp)  # 3 x 3: paired
     h = L.Conv2D(4, 2, padding="valid", activation="tanh")(h)  # 2 x 2: paired
-    h = L.BatchNormalization()(h)  # per-channel gamma and beta on 4 positions
     h = L.Conv2D(3, 1, activation="tanh")(h)  # 1 x 1 kernel on 4 locations: paired
     h = L.Conv2D(5, 2, padding="valid", activation="tanh")(h)  # one location
-    h = L.LayerNormalization()(h)  # one position
     h = L.Dense(4, activation="tanh")(L.Flatten()(h))  # Outer
     model = keras.Model(inp, L.Dense(3)(h))
-    rng = np.random.default_rng(1)
-    for v in model.non_trainable_variables + model.trainable_variables[4:6]:
-        v.assign(rng.uniform(0.5, 1.5, v.shape))  # moving statistics, gamma, beta
     return model
 
 
@@ -52,18 +47,13 @@ def test_looped_columns_with_moments_equal_dense_jacobians(monkeypatch, entries)
     model = _model()
     unrolled = flat(diagonal(model, (x, y), likelihood="classification", batch_size=4))
     finished = []
+    original = layers.Patches.from_column_moments
 
-    def spied_on(cls):
-        original = cls.from_column_moments
+    def spy(self, moments):
+        finished.append(self.variable.path)
+        return original(self, moments)
 
-        def spy(self, moments):
-            finished.append(self.variable.path)
-            return original(self, moments)
-
-        monkeypatch.setattr(cls, "from_column_moments", spy)
-
-    spied_on(layers.Patches)
-    spied_on(norm_rules.ChannelExplicit)
+    monkeypatch.setattr(layers.Patches, "from_column_moments", spy)
     monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
     monkeypatch.setattr(structured, "LOOPED_COLUMN_OPS", 0)  # columns one at a time
     if entries is not None:
@@ -79,7 +69,7 @@ def test_looped_columns_with_moments_equal_dense_jacobians(monkeypatch, entries)
     monkeypatch.setattr(structured, "moment_fold", spied)
     looped = flat(diagonal(model, (x, y), likelihood="classification", batch_size=4))
     assert folds and all(result is not None for result in folds)
-    assert len(set(finished)) == 8  # four conv kernels, two gammas, two betas
+    assert len(set(finished)) == 4  # the four conv kernels, from their moments
     np.testing.assert_allclose(looped, unrolled, rtol=1e-10, atol=1e-13 * abs(unrolled).max())
     assert_close(looped, _ggn(model, x))
 
@@ -108,26 +98,4 @@ def test_column_moments_add_up_over_columns():
         grads = np.einsum("nlq,nklo->nkqo", patches, cotangents)
         np.testing.assert_allclose(factor.sum_squares()[0], (grads**2).sum((0, 1)), rtol=1e-12)
     many = layers.Patches(kernel, tf.zeros([2, 10, 5], tf.float64), tf.zeros([2, 1, 10, 3]))
-    assert many.column_moments() is None
-
-
-def test_channel_moments_add_up_over_columns():
-    """Per-channel ``gamma`` / ``beta`` (:class:`norm_rules.ChannelExplicit`): the moments
-    summed over columns give the squares of the explicit gradients of all columns."""
-    rng = np.random.default_rng(2)
-    gamma = tf.Variable(tf.zeros([3], tf.float64))
-    for locations in (1, 4):
-        normalised = tf.constant(rng.normal(size=(5, locations, 3)))
-        delta = tf.constant(rng.normal(size=(5, 2, locations, 3)))
-        for scale in (normalised, None):
-            term = delta if scale is None else scale[:, None] * delta
-            grads = tf.reduce_sum(term, axis=2)  # [N, K, C]
-            parts = [
-                norm_rules.ChannelExplicit(gamma, grads[:, k : k + 1], delta[:, k : k + 1], scale)
-                for k in range(2)
-            ]
-            total = sum(p.column_moments() for p in parts)
-            got = parts[0].from_column_moments(total)[0]
-            np.testing.assert_allclose(got, (grads.numpy() ** 2).sum((0, 1)), rtol=1e-12)
-    many = norm_rules.ChannelExplicit(gamma, grads, tf.zeros([5, 2, 10, 3], tf.float64))
     assert many.column_moments() is None

@@ -53,7 +53,7 @@ def dense_column_sums(factors_of: Callable[[tf.Tensor], list], columns: Columns)
     is of another kind (its ops are then unused and pruned from the compiled step).
     At most :data:`IN_FLIGHT` columns are back-propagated at once."""
     first = factors_of(columns.part(0, 1))
-    if not first or not all(isinstance(f, (Outer, Explicit)) for f in first):
+    if not first or not all(type(f) in (Outer, Explicit) for f in first):
         return None
     sums = [_column_sum(f) for f in first]
     history = [sums]

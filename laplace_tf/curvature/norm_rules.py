@@ -8,14 +8,10 @@ that share a parameter are small (one entry per channel) and are formed explicit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from laplace_tf.curvature import paired
 from laplace_tf.curvature.layers import Explicit, bias_grads, plain
 from laplace_tf.curvature.registry import Rule, register_builtin
 
@@ -25,60 +21,13 @@ def _call_layer(layer, inputs):
     return outputs, outputs
 
 
-@dataclass(frozen=True)
-class ChannelExplicit(Explicit):
-    """Per-channel ``gamma`` (``scale``: the normalised input ``[N, L, C]``) or ``beta``
-    (``scale`` ``None``) shared by ``L`` positions, with the cotangents ``deltas [N, K, L, C]``
-    kept beside the explicit gradients: on up to
-    :data:`~laplace_tf.curvature.paired.PAIRED_LOCATIONS` positions its squares read the
-    cotangents only through :func:`~laplace_tf.curvature.paired.cotangent_pairs`, which
-    add up over the columns of ``S`` (:func:`~laplace_tf.curvature.column_sums.moment_fold`:
-    the ~1,000 small reductions a column of DenseNet121's 120 BatchNormalizations cost in
-    its columns loop, once)."""
-
-    deltas: tf.Tensor | None = None
-    scale: tf.Tensor | None = None
-
-    def column_moments(self) -> tf.Tensor | None:
-        locations = self.deltas.shape[2]
-        if locations is None or locations > paired.PAIRED_LOCATIONS:
-            return None
-        return paired.cotangent_pairs(self.deltas)  # [N, P, C]
-
-    def from_column_moments(self, moments: tf.Tensor) -> list[tf.Tensor]:
-        if self.scale is not None:
-            first, second = np.triu_indices(self.scale.shape[1])
-            scale = tf.gather(self.scale, first, axis=1) * tf.gather(self.scale, second, axis=1)
-            moments = moments * scale
-        return [tf.reshape(tf.reduce_sum(moments, axis=[0, 1]), self.variable.shape)]
-
-
 def _affine_factors(normalised, delta, gamma, beta, broadcast_shape):
-    normalised = tf.cast(normalised, delta.dtype)
-    channels = delta.shape[-1]
-    per_channel = (
-        delta.shape.rank >= 3
-        and channels is not None
-        and all(size == 1 for size in broadcast_shape[:-1])
-        and broadcast_shape[-1] == channels
-    )
-    if per_channel:  # [N, K, L, C] and [N, L, C], for the column moments
-        shape = tf.shape(delta)
-        deltas = tf.reshape(delta, [shape[0], shape[1], -1, channels])
-        scale = tf.reshape(normalised, [shape[0], -1, channels])
-        positions = delta.shape[2:-1].num_elements()
-        deltas.set_shape([None, None, positions, channels])
-        scale.set_shape([None, positions, channels])
     factors = []
-    for variable, product, scaled in ((gamma, True, True), (beta, False, False)):
-        if variable is None:
-            continue
-        term = normalised[:, None] * delta if product else delta
-        grads = bias_grads(term, broadcast_shape, variable.shape)
-        if per_channel and tuple(variable.shape) == (channels,):
-            factors.append(ChannelExplicit(variable, grads, deltas, scale if scaled else None))
-        else:
-            factors.append(Explicit(variable, grads))
+    if gamma is not None:
+        product = tf.cast(normalised, delta.dtype)[:, None] * delta
+        factors.append(Explicit(gamma, bias_grads(product, broadcast_shape, gamma.shape)))
+    if beta is not None:
+        factors.append(Explicit(beta, bias_grads(delta, broadcast_shape, beta.shape)))
     return factors
 
 
