@@ -54,19 +54,19 @@ from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
 )
 from laplace_tf.curvature.column_sums import (
     dense_column_sums,
+    fold_column_chunks,
     moment_fold,
     per_variable,
     zero_factors,
 )
 from laplace_tf.curvature.layers import Outer, Patches
+from laplace_tf.curvature.loss_terms import counts as loss_counts
 from laplace_tf.curvature.loss_terms import (
-    Columns,
     loss_columns,
     loss_rows,
     output_blocks,
     position_chunk,
 )
-from laplace_tf.curvature.loss_terms import counts as loss_counts
 from laplace_tf.curvature.loss_terms import nll as loss_nll
 from laplace_tf.curvature.tracing import trace
 from laplace_tf.likelihoods import Likelihood, get_likelihood
@@ -495,41 +495,6 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         return totals, loss_nll(likelihood, terms), loss_counts(terms)
 
     return step
-
-
-def fold_column_chunks(
-    reduce, columns: Columns, chunk: int, zeros: list, *, unroll: bool = False
-) -> list[tf.Tensor]:
-    """``sum_j reduce(columns.part(j chunk, chunk))`` over the chunks of ``chunk`` columns
-    (the last one zero-padded; zero columns add zero); ``zeros`` are zeros shaped like
-    ``reduce``'s results (the loop's first value).
-
-    One chunk is back-propagated and reduced at a time, in a ``tf.while_loop`` run one
-    iteration after another, so that only one chunk's cut cotangents exist at once and
-    the backward pass is traced once, not once per chunk (or, with ``unroll``, unrolled
-    with each chunk waiting for the previous; see :data:`UNROLL_COLUMN_CHUNKS`).
-    """
-    count = columns.count
-    if count <= chunk:
-        return reduce(columns.part(0, count))
-    if unroll:
-        totals = None
-        for start in range(0, count, chunk):  # each chunk waits for the previous one's sums
-            with tf.control_dependencies([] if totals is None else totals):
-                part = tf.identity(columns.part(start, min(chunk, count - start)))
-            sums = reduce(part)
-            totals = sums if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
-        return totals
-    chunks = -(-count // chunk)
-
-    def body(index, totals):
-        part = columns.part(index * chunk, chunk)
-        return index + 1, [t + s for t, s in zip(totals, reduce(part), strict=True)]
-
-    _, totals = tf.while_loop(
-        lambda index, _: index < chunks, body, (tf.constant(0), zeros), parallel_iterations=1
-    )
-    return totals
 
 
 def _covariance_step(model, variables):
