@@ -162,7 +162,7 @@ def loss_columns(likelihood, kind: str, mc_samples: int, terms: LossRows, seed) 
         if weights is not None:
             inner = weights
             if terms.example_weights is not None:
-                repeat = tf.shape(rows)[0] // terms.count
+                repeat = tf.shape(rows)[0] // tf.maximum(terms.count, 1)  # 0 rows: empty
                 inner = tf.math.divide_no_nan(weights, tf.repeat(terms.example_weights, repeat))
             grads = grads * inner[:, None]
         column = tf.reshape(grads, [terms.count, -1])

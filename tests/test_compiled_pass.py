@@ -1,0 +1,123 @@
+"""The compiled pass sums blocks of batches (``basics.BLOCK_BATCHES``) in loop tensors, or
+adds every batch into the float64 sums (models above ``basics.BLOCK_ELEMENTS``); a Dense
+chain's batch is stepped in parts side by side (``structured.DENSE_SPLIT``). Every
+arrangement must give the oracle's diagonal, NLL and counts."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from oracles import assert_close, flat
+from test_curvature_structured import (
+    build,
+    dense_ggn_diagonal,
+    manual_nll,
+    naive_empirical_fisher,
+)
+
+from laplace_tf.curvature import basics, structured
+
+pytestmark = pytest.mark.usefixtures("float64")  # conftest.py: float64 layers
+
+
+@pytest.fixture(autouse=True)
+def fresh_steps(monkeypatch):
+    """Steps traced anew in each test (the settings below are read when tracing)."""
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+
+
+def expected(model, x, y, kind, weights=None):
+    if kind == "ggn":
+        assert weights is None
+        return dense_ggn_diagonal(model, x, "classification")
+    return naive_empirical_fisher(model, x, y, "classification", weights=weights)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+@pytest.mark.parametrize(
+    ("block_batches", "block_elements"),
+    [(2, 1 << 22), (3, 1 << 22), (32, 1 << 22), (2, 0)],
+    ids=["blocks-of-2", "blocks-of-3", "one-block", "every-batch"],
+)
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn"])
+def test_blocks_of_batches_equal_the_oracle(monkeypatch, name, kind, block_batches, block_elements):
+    """Seven batches (the last short) in blocks of 2 (a short last block), of 3, in one
+    block, and added one by one: the dense-Jacobian GGN / naive empirical Fisher, the
+    summed NLL and the counts, each time."""
+    monkeypatch.setattr(basics, "BLOCK_BATCHES", block_batches)
+    monkeypatch.setattr(basics, "BLOCK_ELEMENTS", block_elements)
+    model, x, y = build(name, n=20)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    calls = []
+    through = basics._compiled
+    monkeypatch.setattr(basics, "_compiled", lambda *a: calls.append(1) or through(*a))
+    fitted = structured.fit_diagonal(model, dataset, likelihood="classification", kind=kind)
+    assert calls  # the compiled pass, not the Python loop after a fault
+    assert_close(flat(fitted.diagonal), expected(model, x, y, kind))
+    nll = manual_nll("classification", model(x, training=False), y)
+    np.testing.assert_allclose(fitted.nll, float(nll), rtol=1e-10)
+    assert (fitted.n_data, fitted.n_rows, fitted.n_outputs) == (20, 20, 3)
+
+
+def test_a_faulty_batch_in_a_later_block_is_named(monkeypatch):
+    """A NaN in the third block still stops the fit with the Python loop's message."""
+    monkeypatch.setattr(basics, "BLOCK_BATCHES", 2)
+    model, x, y = build("tanh_mlp", n=20)
+    x = np.array(x)
+    x[16, 0] = np.nan
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    with pytest.raises(ValueError, match="contain NaN or Inf: batch 5, example 1 "):
+        structured.fit_diagonal(model, dataset, likelihood="classification")
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_dense_chains_split_into_parts_equal_the_oracle(monkeypatch, kind, batch_size):
+    """A Dense chain's batches stepped in two or three parts (one of them empty for a
+    batch of one example) give the oracle's diagonal, also with sample weights."""
+    model, x, y = build("tanh_mlp", n=11)
+    weights = np.random.default_rng(3).uniform(0.5, 2.0, size=11)
+    for split in (2, 3):
+        monkeypatch.setattr(structured, "DENSE_SPLIT", split)
+        monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+        data = (x, y) if kind == "ggn" else (x, y, weights)
+        fitted = structured.fit_diagonal(
+            model, data, likelihood="classification", kind=kind, batch_size=batch_size
+        )
+        reference = expected(model, x, y, kind, None if kind == "ggn" else weights)
+        assert_close(flat(fitted.diagonal), reference)
+        assert fitted.n_data == (11 if kind == "ggn" else pytest.approx(weights.sum()))
+
+
+def test_only_dense_chains_are_split(monkeypatch):
+    """The parts are traced for a Dense chain only: a CNN's step keeps its whole batch."""
+    traced = []
+    original = structured.loss_rows
+
+    def spy(raw, y, weights):
+        traced.append(raw.shape[0])
+        return original(raw, y, weights)
+
+    monkeypatch.setattr(structured, "loss_rows", spy)
+    for name, parts in (("tanh_mlp", 3), ("cnn", 1)):  # the whole batch, then its 2 parts
+        traced.clear()
+        model, x, y = build(name, n=8)
+        structured.fit_diagonal(model, (x, y), likelihood="classification", kind="ef")
+        assert len(traced) == parts, name
+
+
+def test_monte_carlo_parts_draw_independent_labels(monkeypatch):
+    """Split or not, ``ggn_mc`` is seeded: the same seed gives the same diagonal, and the
+    parts draw their own labels (the split estimate differs from the whole batch's)."""
+    model, x, y = build("tanh_mlp", n=16)
+    kwargs = {"likelihood": "classification", "kind": "ggn_mc", "seed": 4, "batch_size": 16}
+    split = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)
+    again = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)
+    np.testing.assert_array_equal(split, again)
+    monkeypatch.setattr(structured, "DENSE_SPLIT", 1)
+    monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
+    whole = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)
+    assert not np.allclose(split, whole)
