@@ -1,7 +1,7 @@
-"""The compiled pass sums blocks of batches (``basics.BLOCK_BATCHES``) in loop tensors, or
-adds every batch into the float64 sums (models above ``basics.BLOCK_ELEMENTS``); a Dense
-chain's batch is stepped in parts side by side (``structured.DENSE_SPLIT``). Every
-arrangement must give the oracle's diagonal, NLL and counts."""
+"""The compiled pass (its step called at one place in the loop, the first batch entering it
+as an optional) and a Dense chain's batches stepped in parts side by side
+(``structured.DENSE_SPLIT``): every arrangement gives the oracle's diagonal, NLL and
+counts."""
 
 from __future__ import annotations
 
@@ -37,18 +37,10 @@ def expected(model, x, y, kind, weights=None):
 
 
 @pytest.mark.parametrize("kind", ["ggn", "ef"])
-@pytest.mark.parametrize(
-    ("block_batches", "block_elements"),
-    [(2, 1 << 22), (3, 1 << 22), (32, 1 << 22), (2, 0)],
-    ids=["blocks-of-2", "blocks-of-3", "one-block", "every-batch"],
-)
 @pytest.mark.parametrize("name", ["tanh_mlp", "cnn"])
-def test_blocks_of_batches_equal_the_oracle(monkeypatch, name, kind, block_batches, block_elements):
-    """Seven batches (the last short) in blocks of 2 (a short last block), of 3, in one
-    block, and added one by one: the dense-Jacobian GGN / naive empirical Fisher, the
-    summed NLL and the counts, each time."""
-    monkeypatch.setattr(basics, "BLOCK_BATCHES", block_batches)
-    monkeypatch.setattr(basics, "BLOCK_ELEMENTS", block_elements)
+def test_compiled_pass_equals_the_oracle(monkeypatch, name, kind):
+    """Seven batches (the last short) in one compiled call: the dense-Jacobian GGN /
+    naive empirical Fisher, the summed NLL and the counts."""
     model, x, y = build(name, n=20)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
     calls = []
@@ -62,9 +54,8 @@ def test_blocks_of_batches_equal_the_oracle(monkeypatch, name, kind, block_batch
     assert (fitted.n_data, fitted.n_rows, fitted.n_outputs) == (20, 20, 3)
 
 
-def test_a_faulty_batch_in_a_later_block_is_named(monkeypatch):
-    """A NaN in the third block still stops the fit with the Python loop's message."""
-    monkeypatch.setattr(basics, "BLOCK_BATCHES", 2)
+def test_a_faulty_later_batch_is_named():
+    """A NaN in the sixth batch stops the fit with the Python loop's message."""
     model, x, y = build("tanh_mlp", n=20)
     x = np.array(x)
     x[16, 0] = np.nan

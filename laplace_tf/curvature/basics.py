@@ -40,16 +40,6 @@ SUM_CHUNK_ELEMENTS = 1 << 22
 SUM_VARIABLES = 16
 #: The smallest segment of the float64 sums (a model smaller than it has one variable).
 SUM_MIN_ELEMENTS = 1 << 16
-#: A :func:`compiled_pass` over at most :data:`BLOCK_ELEMENTS` weights sums this many
-#: batches in loop tensors (in the weights' dtype) before adding them into the float64
-#: sums: an update of a variable every batch cost the benchmark MLP's Monte Carlo GGN
-#: 1.12-1.17x a gradient epoch against 0.91-0.95x (two alternating pairs of processes).
-#: A float32 sum of 32 batches' float32 sums loses nothing measurable (a float64 sum of
-#: the blocks follows; the million-example test holds 1e-5).
-BLOCK_BATCHES = 32
-#: Weights up to which a compiled pass sums blocks of batches in loop tensors (a copy of
-#: the weights' size, 16 MiB in float32 here); larger models add every batch.
-BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -229,56 +219,28 @@ def checked_step(step, likelihood: Likelihood):
     return run
 
 
-def compiled_pass(step, variables: Sequence[Any], groups: list[list[tuple[int, int, int]]]):
+def compiled_pass(step, likelihood: Likelihood):
     """A pass of a :func:`checked_step` over a dataset iterator in one compiled call:
-    ``run(first, iterator, seed, *sums, width=, positions=) -> (fault, counts)``, with
+    ``run(first, iterator, seed, *state, width=, positions=) -> (fault, counts)``, with
     ``first`` the batch already read from ``iterator``, ``counts`` the summed
     ``[examples, rows, C]`` and ``fault`` true when any batch's flags report a bad value.
-    ``step`` returns each batch's ``(sums per weight, NLL, counts)``; they are added into
-    the float64 ``sums`` (:func:`new_sums` of ``variables`` and ``groups``). Batches are
-    numbered from 0 (``first``) and seeded ``[seed, i]``, as in the Python loop. The step
-    is called at one place, in the loop (``first`` enters it as an optional with the
-    shapes of the iterator's elements), so it is traced and optimised once.
-
-    Models of at most :data:`BLOCK_ELEMENTS` weights sum :data:`BLOCK_BATCHES` batches at
-    a time in loop tensors (the weights' dtype) and add each block into the float64
-    sums; larger ones add every batch (no weight-sized copy)."""
-    size = sum(v.shape.num_elements() for v in variables)
-    block_batches = BLOCK_BATCHES if size <= BLOCK_ELEMENTS else 1
+    Batches are numbered from 0 (``first``) and seeded ``[seed, i]``, as in the Python
+    loop. The step is called at one place, in the loop, which ``first`` enters as an
+    optional with the shapes of the iterator's elements: the step is traced and
+    optimised once, for every batch, and inlined (a step called twice was kept out of
+    line, which cost the benchmark MLP about 1 ms a batch)."""
 
     @tf.function(reduce_retracing=True, autograph=False)
-    def run(first, iterator, seed, *sums, width, positions):
-        def stepped(index, batch, fault, counted):
+    def run(first, iterator, seed, *state, width, positions):
+        def body(index, batch, fault, counted):
             x, y, *rest = batch.get_value()
-            flags, (parts, nll, counts) = step(
-                x, y, rest[0] if rest else None, tf.stack([seed, index]),
+            flags, counts = step(
+                x, y, rest[0] if rest else None, tf.stack([seed, index]), *state,
                 width=width, positions=positions,
             )  # fmt: skip
             counted = tf.concat([counted[:2] + counts[:2], counts[2:]], axis=0)
-            state = index + 1, iterator.get_next_as_optional(), fault | _faulty(flags), counted
-            return state, [*parts, tf.cast(nll, tf.float64)]
-
-        def block(*state):
-            """From batch ``state[0]`` (``state[1]``: it, as an optional) to the next
-            multiple of ``block_batches`` or the end of the data, added into ``sums``."""
-            if block_batches == 1:
-                state, totals = stepped(*state)
-            else:
-                limit = (state[0] // block_batches + 1) * block_batches
-
-                def body(*carried):
-                    state, parts = stepped(*carried[:4])
-                    return *state, [t + p for t, p in zip(carried[4], parts, strict=True)]
-
-                zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
-                *state, totals = tf.while_loop(
-                    lambda index, batch, *_: batch.has_value() & (index < limit),
-                    body,
-                    (*state, [*zeros, tf.constant(0.0, tf.float64)]),
-                    parallel_iterations=1,
-                )
-            with tf.control_dependencies(add_to_sums(totals, sums, groups)):
-                return tf.identity(state[0]), *state[1:]
+            following = iterator.get_next_as_optional()
+            return index + 1, following, fault | _faulty(flags), counted
 
         first = tf.nest.map_structure(
             lambda t, spec: tf.compat.v1.placeholder_with_default(t, spec.shape),
@@ -288,9 +250,9 @@ def compiled_pass(step, variables: Sequence[Any], groups: list[list[tuple[int, i
         start = (tf.constant(0, tf.int64), tf.experimental.Optional.from_value(first))
         *_, fault, counted = tf.while_loop(
             lambda index, batch, *_: batch.has_value(),
-            block,
+            body,
             (*start, tf.constant(False), tf.zeros([3], tf.float64)),
-            parallel_iterations=1,
+            parallel_iterations=1,  # one batch in flight
         )
         return fault, counted
 
@@ -419,32 +381,25 @@ def new_sums(variables: Sequence[Any], groups: list[list[tuple[int, int, int]]])
     ]
 
 
-def add_to_sums(pieces: Sequence[tf.Tensor], sums: Sequence[tf.Variable], groups) -> list:
-    """Add ``pieces`` (the weights' sums, then the NLL) into the float64 ``sums`` of
-    :func:`new_sums` in place, one segment of ``groups`` at a time (one segment's float32
-    and float64 temporaries at once); returns the update ops."""
-    pieces = [tf.reshape(p, [-1]) for p in pieces]
-    updates = []
-    for group, total in zip(groups, sums, strict=True):
-        dtype = max((pieces[i].dtype for i, _, _ in group), key=lambda d: d.size)
-        flat = [
-            tf.cast(pieces[i] if b - a == pieces[i].shape[0] else pieces[i][a:b], dtype)
-            for i, a, b in group
-        ]
-        flat = flat[0] if len(flat) == 1 else tf.concat(flat, axis=0)
-        updates.append(total.assign_add(tf.cast(flat, tf.float64)))
-    return updates
-
-
 def accumulating(step, groups: list[list[tuple[int, int, int]]]):
     """``step`` whose sums (the weights', then the NLL) are added to the running float64
     sums (:func:`new_sums`, updated in place) in the same compiled call: accurate over
     millions of examples, no per-batch eager op, and one segment's temporaries at a time.
-    Returns the batch's counts. (A :func:`compiled_pass` adds a block of batches at once.)"""
+    Returns the batch's counts."""
 
     def run(x, y, weights, seed, *sums):
         parts, batch_nll, counts = step(x, y, weights, seed)
-        with tf.control_dependencies(add_to_sums([*parts, batch_nll], sums, groups)):
+        pieces = [tf.reshape(p, [-1]) for p in [*parts, batch_nll]]
+        updates = []
+        for group, total in zip(groups, sums, strict=True):
+            dtype = max((pieces[i].dtype for i, _, _ in group), key=lambda d: d.size)
+            flat = [
+                tf.cast(pieces[i] if b - a == pieces[i].shape[0] else pieces[i][a:b], dtype)
+                for i, a, b in group
+            ]
+            flat = flat[0] if len(flat) == 1 else tf.concat(flat, axis=0)
+            updates.append(total.assign_add(tf.cast(flat, tf.float64)))
+        with tf.control_dependencies(updates):
             return tf.identity(counts)
 
     return run

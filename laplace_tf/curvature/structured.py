@@ -105,10 +105,11 @@ DENSE_COLUMN_SUMS = True
 #: A batch of a Dense chain (every factor a Dense kernel on ``[N, I]`` inputs or a bias)
 #: is stepped as this many parts side by side on CPU: independent chains of small
 #: products, which the executor runs on separate cores where one batch's products leave
-#: one idle (benchmark MLP, 2 cores, three alternating pairs of processes: ``ggn_mc``
-#: 1.13-1.31x -> 1.04-1.13x a gradient epoch, ``ef`` 1.19-1.29x -> 1.03-1.17x, exact
-#: ``ggn`` unchanged, the same live tensors). The small CNN's exact GGN ran 1.3-1.6x
-#: slower so split, so other models are not. 1: off.
+#: one idle. Benchmark MLP, 2 cores, three alternating processes each: ``ggn_mc``
+#: 1.13-1.18x -> 1.04-1.06x a gradient epoch, ``ef`` 1.17-1.20x -> 1.00-1.09x, exact
+#: ``ggn`` 1.72-1.82x -> 1.79-1.81x; live tensors ``ef`` 4.7 -> 5.5 MiB, ``ggn`` 6.4 -> 5.6
+#: MiB. The small CNN's exact GGN ran 1.2-1.6x slower split, so other models keep whole
+#: batches. 1: off.
 DENSE_SPLIT = 2
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
@@ -220,24 +221,20 @@ def fit_diagonal(
     kind = "ggn" if kind == "hessian" else kind
     groups = sum_groups(variables)
     key = ("diagonal", _likelihood_key(likelihood), kind, mc_samples, repr(groups))
-    raw = _cached(
+    step = _cached(
         model,
         key,
         variables,
-        lambda: _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples)),
+        lambda: checked_step(
+            accumulating(
+                _replicated(model, _diagonal_step(model, likelihood, variables, kind, mc_samples)),
+                groups,
+            ),
+            likelihood,
+        ),
     )
-    step = _cached(
-        model,
-        (*key, "accumulating"),
-        variables,
-        lambda: checked_step(accumulating(raw, groups), likelihood),
-    )
-    run = _cached(
-        model,
-        (*key, "pass"),
-        variables,
-        lambda: compiled_pass(checked_step(raw, likelihood), variables, groups),
-    )
+
+    run = _cached(model, (*key, "pass"), variables, lambda: compiled_pass(step, likelihood))
     # This fit's float64 sums (the weights', then the NLL), in a few variables added to in
     # place by the step: a fresh weight-sized tensor per batch cost ~15% of an MLP step in
     # allocations, and a variable per weight ~0.35-0.9 ms each per fit (measured).
