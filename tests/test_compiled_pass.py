@@ -85,6 +85,7 @@ def test_dense_chains_split_into_parts_equal_the_oracle(monkeypatch, kind, batch
 
 def test_only_dense_chains_are_split(monkeypatch):
     """The parts are traced for a Dense chain only: a CNN's step keeps its whole batch."""
+    monkeypatch.setattr(structured, "DENSE_SPLIT", 2)
     traced = []
     original = structured.loss_rows
 
@@ -101,8 +102,9 @@ def test_only_dense_chains_are_split(monkeypatch):
 
 
 def test_monte_carlo_parts_draw_independent_labels(monkeypatch):
-    """Split or not, ``ggn_mc`` is seeded: the same seed gives the same diagonal, and the
+    """Split, ``ggn_mc`` is seeded: the same seed gives the same diagonal (here), and the
     parts draw their own labels (the split estimate differs from the whole batch's)."""
+    monkeypatch.setattr(structured, "DENSE_SPLIT", 2)
     model, x, y = build("tanh_mlp", n=16)
     kwargs = {"likelihood": "classification", "kind": "ggn_mc", "seed": 4, "batch_size": 16}
     split = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)
