@@ -102,14 +102,15 @@ def test_only_dense_chains_are_split(monkeypatch):
 
 
 def test_monte_carlo_parts_draw_independent_labels(monkeypatch):
-    """Split, ``ggn_mc`` is seeded: the same seed gives the same diagonal (here), and the
-    parts draw their own labels (the split estimate differs from the whole batch's)."""
+    """Split, ``ggn_mc`` is seeded: the same seed gives the same diagonal (to the last bit
+    or so: the parts run concurrently, see ``DENSE_SPLIT``), and the parts draw their own
+    labels (the split estimate differs from the whole batch's)."""
     monkeypatch.setattr(structured, "DENSE_SPLIT", 2)
     model, x, y = build("tanh_mlp", n=16)
     kwargs = {"likelihood": "classification", "kind": "ggn_mc", "seed": 4, "batch_size": 16}
     split = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)
     again = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)
-    np.testing.assert_array_equal(split, again)
+    np.testing.assert_allclose(split, again, rtol=1e-13)
     monkeypatch.setattr(structured, "DENSE_SPLIT", 1)
     monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
     whole = flat(structured.fit_diagonal(model, (x, y), **kwargs).diagonal)

@@ -103,15 +103,10 @@ LOOPED_COLUMN_OPS = 2_000
 #: columns would otherwise be unrolled.
 DENSE_COLUMN_SUMS = True
 #: A batch of a Dense chain (every factor a Dense kernel on ``[N, I]`` inputs or a bias)
-#: may be stepped as this many parts side by side on CPU: independent chains of small
-#: products, which the executor runs on separate cores where one batch's products leave
-#: one idle. Benchmark MLP, 2 cores, three alternating processes each, with 2: ``ggn_mc``
-#: 1.13-1.18x -> 1.04-1.06x a gradient epoch, ``ef`` 1.17-1.20x -> 1.00-1.09x, exact
-#: ``ggn`` 1.72-1.82x -> 1.79-1.81x; live tensors ``ef`` 4.7 -> 5.5 MiB, ``ggn`` 6.4 -> 5.6
-#: MiB. Off (1) by default: with parts running concurrently, a repeated fit with the same
-#: seed differed in the last bit now and then (1 of 120 fits in two loaded processes,
-#: none of 120 unsplit), and a seed should reproduce a fit exactly. The small CNN's exact
-#: GGN ran 1.2-1.6x slower split, so only Dense chains are.
+#: may be stepped as this many parts side by side on CPU, independent chains of small
+#: products for separate cores (benchmark MLP with 2: ``ggn_mc`` / ``ef`` about 1.2x ->
+#: 1.05x a gradient epoch). Off (1) by default: the concurrent parts made a repeated fit
+#: with the same seed differ in the last bit now and then (docs/curvature.md).
 DENSE_SPLIT = 1
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
