@@ -23,7 +23,9 @@ class SphinxRoles(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         for obj in _walk(pkg):
             if obj.docstring is not None:
-                obj.docstring.value = ROLE.sub(lambda m: _reference(obj, m), obj.docstring.value)
+                obj.docstring.value = ROLE.sub(
+                    lambda m, obj=obj: _reference(obj, m), obj.docstring.value
+                )
 
 
 def _walk(obj: griffe.Object):

@@ -7,7 +7,9 @@ that each of them reads one place for these conventions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,10 @@ SUM_CHUNK_ELEMENTS = 1 << 22
 SUM_VARIABLES = 16
 #: The smallest segment of the float64 sums (a model smaller than it has one variable).
 SUM_MIN_ELEMENTS = 1 << 16
+#: Fits of weights of at most this many elements keep their float64 sums' variables for
+#: the next fit of the same kind (:class:`SumsPool`): creating them cost ~1 ms a fit, 4%
+#: of the benchmark MLP's ``ef``. Larger weights' sums are freed after each fit.
+POOLED_SUM_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -219,11 +225,12 @@ def checked_step(step, likelihood: Likelihood):
     return run
 
 
-def compiled_pass(step, likelihood: Likelihood):
+def compiled_pass(step, likelihood: Likelihood, finish: Callable[..., Any]):
     """A pass of a :func:`checked_step` over a dataset iterator in one compiled call:
-    ``run(first, iterator, seed, *state, width=, positions=) -> (fault, counts)``, with
-    ``first`` the batch already read from ``iterator``, ``counts`` the summed
-    ``[examples, rows, C]`` and ``fault`` true when any batch's flags report a bad value.
+    ``run(first, iterator, seed, *state, width=, positions=) -> (fault, counts, result)``,
+    with ``first`` the batch already read from ``iterator``, ``counts`` the summed
+    ``[examples, rows, C]``, ``fault`` true when any batch's flags report a bad value and
+    ``result`` ``finish(*state)`` after the pass. ``state`` is zeroed first.
     Batches are numbered from 0 (``first``) and seeded ``[seed, i]``, as in the Python
     loop. The step is called at one place, in the loop, which ``first`` enters as an
     optional with the shapes of the iterator's elements: the step is traced and
@@ -249,13 +256,15 @@ def compiled_pass(step, likelihood: Likelihood):
             iterator.element_spec,
         )
         start = (tf.constant(0, tf.int64), tf.experimental.Optional.from_value(first))
-        *_, fault, counted = tf.while_loop(
-            lambda index, batch, *_: batch.has_value(),
-            body,
-            (*start, tf.constant(False), tf.zeros([3], tf.float64)),
-            parallel_iterations=1,  # one batch in flight
-        )
-        return fault, counted
+        with tf.control_dependencies([v.assign(tf.zeros_like(v)) for v in state]):
+            *_, fault, counted = tf.while_loop(
+                lambda index, batch, *_: batch.has_value(),
+                body,
+                (*start, tf.constant(False), tf.zeros([3], tf.float64)),
+                parallel_iterations=1,  # one batch in flight
+            )
+        with tf.control_dependencies([counted]):
+            return fault, counted, finish(*state)
 
     return run
 
@@ -296,30 +305,32 @@ def fit_pass(
     step,
     seed: int,
     state: Sequence[tf.Variable],
+    finish: Callable[..., Any],
     *,
     compiled=None,
     progress: Callable[[int], None] | None = None,
     on_first: Callable[[Any], None] | None = None,
-) -> tf.Tensor:
+) -> tuple[tf.Tensor, Any]:
     """One checked pass of ``step`` (a :func:`checked_step` that adds into the variables
-    ``state`` and returns the batch's counts) over ``data``; returns the summed counts
-    ``[examples, rows, C]``. ``on_first(x)`` is called with the first batch's inputs.
+    ``state``, zeroed first, and returns the batch's counts) over ``data``; returns the
+    summed counts ``[examples, rows, C]`` and ``finish(*state)`` after the pass.
+    ``on_first(x)`` is called with the first batch's inputs.
 
-    With ``compiled`` (a :func:`compiled_pass` of ``step``) and data that
+    With ``compiled`` (a :func:`compiled_pass` of ``step`` and ``finish``) and data that
     :func:`as_dataset` accepts (and of at least :data:`COMPILED_PASS_BATCHES` batches, or
     of unknown cardinality), the first batch's shapes are checked here and every batch
     read in one compiled call: no Python call per batch (``progress`` needs one, so it
-    takes the Python loop). When a batch there is faulty or an op refuses one, ``state``
-    is zeroed and the pass starts again in Python, where :class:`CheckedPass` names it.
+    takes the Python loop). When a batch there is faulty or an op refuses one, the pass
+    starts again in Python, where :class:`CheckedPass` names it.
     """
     if compiled is not None and progress is None:
         dataset = as_dataset(model, data, batch_size)
         if dataset is not None and not 0 <= int(dataset.cardinality()) < COMPILED_PASS_BATCHES:
-            counts = _compiled(model, likelihood, dataset, compiled, seed, state, on_first)
-            if counts is not None:
-                return counts
-            for variable in state:
-                variable.assign(tf.zeros_like(variable))
+            done = _compiled(model, likelihood, dataset, compiled, seed, state, on_first)
+            if done is not None:
+                return done
+    for variable in state:
+        variable.assign(tf.zeros_like(variable))
     tally = Tally()
     batches = CheckedPass(model, likelihood, data, batch_size)
     for index, (x, y, w) in enumerate(batches):
@@ -328,12 +339,12 @@ def fit_pass(
         tally.add(batches.run(step, x, y, w, tf.constant([seed, index], tf.int64), *state))
         if progress is not None:
             progress(tally.examples)
-    return tf.constant(tally.total[:2].tolist() + [tally.width], tf.float64)
+    return tf.constant(tally.total[:2].tolist() + [tally.width], tf.float64), finish(*state)
 
 
 def _compiled(model, likelihood, dataset, compiled, seed, state, on_first):
-    """:func:`fit_pass` through ``compiled``: the summed counts, or ``None`` (empty data,
-    a faulty batch, or an op that refused one: the Python loop names it)."""
+    """:func:`fit_pass` through ``compiled``: ``(counts, finish(*state))``, or ``None``
+    (empty data, a faulty batch, or an op that refused one: the Python loop names it)."""
     iterator = iter(dataset)  # one iterator: a cached dataset is read once, in full
     first = next(iterator, None)
     if first is None:
@@ -345,10 +356,12 @@ def _compiled(model, likelihood, dataset, compiled, seed, state, on_first):
         on_first(x)
     shape = {"width": checker.n_outputs, "positions": checker.positions}
     try:
-        fault, counts = compiled(first, iterator, tf.constant(seed, tf.int64), *state, **shape)
+        fault, counts, result = compiled(
+            first, iterator, tf.constant(seed, tf.int64), *state, **shape
+        )
     except tf.errors.InvalidArgumentError:
         return None
-    return None if bool(fault) else counts
+    return None if bool(fault) else (counts, result)
 
 
 def sum_groups(variables: Sequence[Any]) -> list[list[tuple[int, int, int]]]:
@@ -380,6 +393,42 @@ def new_sums(variables: Sequence[Any], groups: list[list[tuple[int, int, int]]])
         tf.Variable(tf.zeros([sum(b - a for _, a, b in group)], tf.float64), trainable=False)
         for group in groups
     ]
+
+
+class SumsPool:
+    """The float64 sums (:func:`new_sums`) of one kind of fit, kept for the next fit when
+    the weights have at most :data:`POOLED_SUM_ELEMENTS` elements. Each fit takes a set
+    of its own (concurrent fits never share one); a pass zeroes it before use. (Sums in
+    variables added to in place: a fresh weight-sized tensor per batch cost ~15% of an
+    MLP step in allocations, and a variable per weight ~0.35-0.9 ms each per fit.)"""
+
+    def __init__(self, variables: Sequence[Any], groups: list[list[tuple[int, int, int]]]):
+        self._new = lambda: new_sums(variables, groups)
+        self._keep = sum(v.shape.num_elements() for v in variables) <= POOLED_SUM_ELEMENTS
+        self._free: list[list[tf.Variable]] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[list[tf.Variable]]:
+        with self._lock:
+            sums = self._free.pop() if self._free else None
+        sums = sums or self._new()
+        try:
+            yield sums
+        finally:
+            if self._keep:
+                with self._lock:
+                    self._free.append(sums)
+
+
+def sum_in_order(*parts: tf.Tensor) -> tf.Tensor:
+    """The parts' sum, added in order: each term passes a Snapshot, which Grappler does
+    not merge into adds (merged, the parts' adds became AddNs of 3+ inputs whose order
+    followed the parts' timing: the last bit differed in ~8% of repeated split steps)."""
+    total, *rest = parts
+    for part in rest:
+        total = tf.raw_ops.Snapshot(input=total) + tf.raw_ops.Snapshot(input=part)
+    return total
 
 
 def accumulating(step, groups: list[list[tuple[int, int, int]]]):

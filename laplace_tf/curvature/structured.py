@@ -29,6 +29,7 @@ from laplace_tf.curvature.basics import (  # noqa: F401  (re-exported for the en
     KINDS,
     CheckedPass,
     CurvatureFit,
+    SumsPool,
     _accumulation_dtype,
     _checked_batches,
     _count,
@@ -42,8 +43,8 @@ from laplace_tf.curvature.basics import (  # noqa: F401  (re-exported for the en
     compiled_pass,
     fit_pass,
     is_piecewise_linear,
-    new_sums,
     sum_groups,
+    sum_in_order,
     unflattening,
 )
 from laplace_tf.curvature.black_box import (  # noqa: F401  (re-exported)
@@ -103,11 +104,10 @@ LOOPED_COLUMN_OPS = 2_000
 #: columns would otherwise be unrolled.
 DENSE_COLUMN_SUMS = True
 #: A batch of a Dense chain (every factor a Dense kernel on ``[N, I]`` inputs or a bias)
-#: may be stepped as this many parts side by side on CPU, independent chains of small
-#: products for separate cores (benchmark MLP with 2: ``ggn_mc`` / ``ef`` about 1.2x ->
-#: 1.05x a gradient epoch). Off (1) by default: the concurrent parts made a repeated fit
-#: with the same seed differ in the last bit now and then (docs/curvature.md).
-DENSE_SPLIT = 1
+#: is stepped as this many parts side by side on CPU, independent chains of small
+#: products for separate cores (benchmark MLP: ``ggn_mc`` / ``ef`` about 1.2x -> 1.05x a
+#: gradient epoch; docs/curvature.md). 1 turns it off.
+DENSE_SPLIT = 2
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
 #: processed in chunks of examples, whatever the user's batch size.
@@ -231,27 +231,27 @@ def fit_diagonal(
         ),
     )
 
-    run = _cached(model, (*key, "pass"), variables, lambda: compiled_pass(step, likelihood))
-    # This fit's float64 sums (the weights', then the NLL), in a few variables added to in
-    # place by the step: a fresh weight-sized tensor per batch cost ~15% of an MLP step in
-    # allocations, and a variable per weight ~0.35-0.9 ms each per fit (measured).
-    sums = new_sums(variables, groups)
-    counts = fit_pass(
-        model,
-        likelihood,
-        data,
-        batch_size,
-        step,
-        seed,
-        sums,
-        compiled=run,
-        progress=progress,
-        on_first=lambda x: _warn_fallbacks(model, variables, x),
-    )
     unflatten = _cached(
         model, (*key, "unflatten"), variables, lambda: unflattening(variables, groups)
     )
-    *diagonal, nll = unflatten(*sums)
+    run = _cached(
+        model, (*key, "pass"), variables, lambda: compiled_pass(step, likelihood, unflatten)
+    )
+    pool = _cached(model, (*key, "sums"), variables, lambda: SumsPool(variables, groups))
+    with pool.taken() as sums:
+        counts, (*diagonal, nll) = fit_pass(
+            model,
+            likelihood,
+            data,
+            batch_size,
+            step,
+            seed,
+            sums,
+            unflatten,
+            compiled=run,
+            progress=progress,
+            on_first=lambda x: _warn_fallbacks(model, variables, x),
+        )
     examples, rows, width = counts.numpy().tolist()
     return CurvatureFit(diagonal, float(nll), _count(examples), int(width), _count(rows))
 
@@ -519,9 +519,9 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
             x_i, y_i = tf.nest.map_structure(lambda t, part=part: t[part[0] : part[1]], (x, y))
             weights_i = None if weights is None else weights[part[0] : part[1]]
             parts.append(batch_sums(x_i, y_i, weights_i, seeds[i], set()))
-        totals, nll, counts = zip(*parts, strict=True)
-        totals = [tf.add_n(list(t)) for t in zip(*totals, strict=True)]
-        return totals, tf.add_n(list(nll)), tf.concat([tf.add_n(counts)[:2], counts[0][2:]], 0)
+        summed = [tf.nest.map_structure(sum_in_order, *t) for t in zip(*parts, strict=True)]
+        totals, nll, counts = summed
+        return totals, nll, tf.concat([counts[:2], parts[0][2][2:]], 0)
 
     return step
 
