@@ -408,6 +408,11 @@ class SumsPool:
         self._free: list[list[tf.Variable]] = []
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Drop the kept sums (their memory is freed once no fit holds them)."""
+        with self._lock:
+            self._free.clear()
+
     @contextlib.contextmanager
     def taken(self) -> Iterator[list[tf.Variable]]:
         with self._lock:
