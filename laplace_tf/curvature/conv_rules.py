@@ -45,6 +45,7 @@ from laplace_tf.curvature.layers import (
     Patches,
     activate,
     bias_grads,
+    map_columns,
     plain,
 )
 from laplace_tf.curvature.registry import Rule, register_builtin
@@ -57,7 +58,9 @@ def _channels_last(layer) -> bool:
 
 
 def _locations(tensor: tf.Tensor, leading: int) -> tf.Tensor:
-    """``[*leading axes, *spatial, C] -> [*leading, L, C]``."""
+    """``[*leading axes, *spatial, C] -> [*leading, L, C]`` (stacked columns stay visible)."""
+    if leading == 2 and (per_column := map_columns(lambda c: _locations(c, 1), tensor)) is not None:
+        return per_column
     shape = tf.shape(tensor)
     locations = _static_product(tensor.shape[leading:-1])
     return tf.reshape(tensor, tf.concat([shape[:leading], [locations, tensor.shape[-1]]], 0))

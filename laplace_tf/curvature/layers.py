@@ -214,7 +214,11 @@ class Patches(_OneVariable):
         count, columns = size_of(self.cotangents, 0), size_of(self.cotangents, 1)
         block = column_block(self.cotangents.shape[1], shape[0] * shape[1])
 
+        visible = stacked_columns(self.cotangents) if block == columns else None
+
         def add(total, k, start, stop):
+            if visible is not None:  # the block is every column: read them unstacked
+                return total + self._visible_squares(visible, start, stop, shape)
             if block > 1 and shape[0] <= NARROW_PATCHES:  # per example and column, as laid out
                 patches = self.patches[start:stop, None]  # [n, 1, L, Q], broadcast over b
                 grads = tf.matmul(
@@ -233,6 +237,21 @@ class Patches(_OneVariable):
             add, count, columns, shape[0] * shape[1], tf.zeros(shape, self.patches.dtype), block
         )
         return [tf.reshape(total, self.variable.shape)]
+
+    def _visible_squares(self, columns, start, stop, shape) -> tf.Tensor:
+        """The squares of chunk ``[start, stop)`` from the columns ``[N, L, O]`` themselves
+        (:func:`stacked_columns`): one product per column for narrow patches, else one
+        product over the columns side by side (their concatenation is the one copy)."""
+        patches = self.patches[start:stop]
+        if shape[0] <= NARROW_PATCHES or len(columns) == 1:
+            total = 0.0
+            for column in columns:
+                grads = tf.matmul(patches, column[start:stop], transpose_a=True)
+                total += tf.reduce_sum(tf.square(grads), axis=0)
+            return total
+        deltas = tf.concat([c[start:stop] for c in columns], axis=-1)  # [n, L, b O]
+        squares = tf.reduce_sum(tf.square(tf.matmul(patches, deltas, transpose_a=True)), 0)
+        return tf.reduce_sum(tf.reshape(squares, [shape[0], -1, shape[1]]), axis=1)
 
     def weighted_gram(self, weights: list[tf.Tensor]) -> tf.Tensor:
         """``<g_k, w g_l> = <d_k, p (w * g_l)>``: one column ``l`` at a time, so only
@@ -463,8 +482,33 @@ def activate(layer, z):
     return layer.activation(z) if layer.activation is not None else z
 
 
+def stacked_columns(tensor: tf.Tensor) -> list[tf.Tensor] | None:
+    """The columns ``tensor[:, k]`` of a traced ``[N, K, ...]`` tensor that a stack along
+    axis 1 formed (the engine stacks its columns' cotangents so), as the tensors stacked:
+    read so, without the stack's copy, and a step whose every reader does so never forms
+    the stack (Grappler prunes it). ``None`` for other tensors, and eagerly."""
+    try:
+        op = tensor.op
+    except AttributeError:  # an eager tensor
+        return None
+    if op.type != "Pack" or op.get_attr("axis") != 1:
+        return None
+    return list(op.inputs)
+
+
+def map_columns(fn: Callable[[tf.Tensor], tf.Tensor], tensor: tf.Tensor) -> tf.Tensor:
+    """``fn`` (from ``[N, ...]`` to ``[N, ...]``) applied to each column ``tensor[:, k]``
+    and restacked, the columns staying visible to :func:`stacked_columns`; ``None`` where
+    ``tensor``'s columns are not visible."""
+    columns = stacked_columns(tensor)
+    return None if columns is None else tf.stack([fn(c) for c in columns], axis=1)
+
+
 def bias_grads(delta: tf.Tensor, broadcast_shape: list[int], shape) -> tf.Tensor:
     """Per-sample gradient of a parameter added with broadcasting to ``delta[:, :, ...]``."""
+    per_column = map_columns(lambda c: bias_grads(c[:, None], broadcast_shape, shape)[:, 0], delta)
+    if per_column is not None:
+        return per_column
     rest = delta.shape[2:]
     padded = [1] * (len(rest) - len(broadcast_shape)) + list(broadcast_shape)
     axes = [2 + i for i, size in enumerate(padded) if size == 1 and rest[i] != 1]

@@ -20,7 +20,13 @@ from keras.src.backend import AutocastScope, get_keras_mask, set_keras_mask
 from keras.src.models.functional import Functional
 from keras.src.models.sequential import Sequential
 
-from laplace_tf.curvature.layers import PerExample, Rule, rule_for, vectorizable
+from laplace_tf.curvature.layers import (
+    PerExample,
+    Rule,
+    rule_for,
+    stacked_columns,
+    vectorizable,
+)
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Site:
         # waits for the cotangents: else the executor may form every layer's during the
         # forward pass and hold them all until the backward reaches each (DenseNet121
         # exact ggn: 384-390 -> 239-240 MiB live tensors; docs/benchmarks.md).
-        with tf.control_dependencies([cotangents]):
+        with tf.control_dependencies(stacked_columns(cotangents) or [cotangents]):
             factors = self.rule.factors(self.layer, self.inputs, cotangents)
         return [f for f in factors if all(id(v) in selected for v in f.variables)]
 
