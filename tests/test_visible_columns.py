@@ -89,3 +89,27 @@ def test_stacked_columns_are_read_from_traced_stacks_only():
         return restacked
 
     np.testing.assert_array_equal(probe(*columns), [[[2.0, 4.0], [6.0, 8.0]]])
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_a_one_column_chunk_reads_the_patches_other_chunks_read(monkeypatch, kind):
+    """float32, three columns in chunks of two and one: the last chunk takes the patch
+    products (the first chunk's patches are formed anyway); ``ef``'s one column, whose
+    patches nobody reads, takes the folded backward-filter convolution."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 2), dtype="float32")
+    h = L.Conv2D(3, 3, activation="tanh", dtype="float32")(inp)  # 36 locations, 3 outputs
+    model = keras.Model(inp, L.Dense(4, dtype="float32")(L.Flatten(dtype="float32")(h)))
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(6, 8, 8, 2)).astype("float32"), rng.integers(0, 4, size=6)
+    folded = []
+    through = conv_factors.FoldedPatches.sum_squares
+    monkeypatch.setattr(
+        conv_factors.FoldedPatches, "sum_squares", lambda f: folded.append(1) or through(f)
+    )
+    monkeypatch.setattr(structured, "COLUMN_ENTRIES_PER_EXAMPLE", 2 * (6 * 6 * 3 + 4))
+    fitted = structured.fit_diagonal(model, (x, y), likelihood="classification", kind=kind)
+    assert len(folded) == (0 if kind == "ggn" else 1)
+    if kind == "ggn":
+        reference = dense_ggn_diagonal(model, x, "classification")
+        np.testing.assert_allclose(flat(fitted.diagonal), reference, rtol=1e-4, atol=1e-7)

@@ -56,24 +56,38 @@ def _size(x: tf.Tensor, axis: int):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 
-#: The patches unfolded in each graph being traced, by input and window: a step's
-#: chunks of columns of ``S`` share one unfolding of each layer's input (on the benchmark
-#: CNN's exact GGN, five chunks had unfolded it five times: ~20% of the step).
+#: The patches unfolded in each graph being traced, by input and window, with whether a
+#: factor's squares read them: a step's chunks of columns of ``S`` share one unfolding of
+#: each layer's input (on the benchmark CNN's exact GGN, five chunks had unfolded it five
+#: times: ~20% of the step).
 _UNFOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
+def unfold(x: tf.Tensor, window: Window, *, read: bool = False) -> tf.Tensor:
     """Patches ``[N, L, P, C]`` of ``x: [N, *spatial, C]`` at the ``L`` output locations
     of a convolution with ``window`` (TF padding: ``same`` puts the odd pixel after),
     ``P = prod(kernel_size)`` offsets in the kernel's row-major order. Traced, once per
-    graph for a given ``x`` and ``window``."""
+    graph for a given ``x`` and ``window``; ``read``: the caller's squares read them
+    (:func:`patches_read`)."""
     if tf.executing_eagerly():
         return _unfold(x, window)
     unfolded = _UNFOLDED.setdefault(tf.compat.v1.get_default_graph(), {})
     key = (x.ref(), window)
     if key not in unfolded:
-        unfolded[key] = _unfold(x, window)
-    return unfolded[key]
+        unfolded[key] = [_unfold(x, window), False]
+    unfolded[key][1] |= read
+    return unfolded[key][0]
+
+
+def patches_read(x: tf.Tensor, window: Window) -> bool:
+    """Whether a factor traced in this graph reads the patches of ``x`` (another chunk of
+    columns): a later one-column chunk then takes the products, not a
+    :class:`FoldedPatches` (exact GGN of the benchmark CNN, its last chunk one column of
+    nine: 79 against 83 ms a step)."""
+    if tf.executing_eagerly():
+        return False
+    entry = _UNFOLDED.get(tf.compat.v1.get_default_graph(), {}).get((x.ref(), window))
+    return entry is not None and entry[1]
 
 
 def _unfold(x: tf.Tensor, window: Window) -> tf.Tensor:

@@ -38,6 +38,7 @@ from laplace_tf.curvature.conv_factors import (
     _grouped_cotangents,
     _static_product,
     _unfolded_depthwise,
+    patches_read,
     unfold,
 )
 from laplace_tf.curvature.layers import (
@@ -114,12 +115,13 @@ def _conv_factors(layer, inputs, delta):
     if _one_group_per_channel(layer, inputs) and layer.padding != "causal":
         kernel = _depthwise_kernel_factor(layer.kernel, inputs, delta, window)
         return [kernel, *_bias_factor(layer, delta)]
-    patches = unfold(inputs, window)
+    folded = not patches_read(inputs, window) and FoldedPatches.applies(layer, delta)
+    patches = unfold(inputs, window, read=not folded)
     if layer.groups == 1:
         shape = tf.shape(patches)
         flat = tf.reshape(patches, [shape[0], shape[1], patches.shape[2] * patches.shape[3]])
         cotangents = _locations(delta, 2)
-        if FoldedPatches.applies(layer, delta):
+        if folded:
             spatial = tuple(delta.shape[2:4])
             kernel = FoldedPatches(layer.kernel, flat, cotangents, inputs, window, spatial)
         else:
