@@ -105,8 +105,8 @@ LOOPED_COLUMN_OPS = 2_000
 DENSE_COLUMN_SUMS = True
 #: A batch of a Dense chain (every factor a Dense kernel on ``[N, I]`` inputs or a bias)
 #: is stepped as this many parts side by side on CPU, independent chains of small
-#: products for separate cores (benchmark MLP: ``ggn_mc`` / ``ef`` about 1.2x -> 1.05x a
-#: gradient epoch; docs/curvature.md). 1 turns it off.
+#: products for separate cores (benchmark MLP: ``ggn_mc`` / ``ef`` 1.07-1.11x -> 0.93-1.03x
+#: a gradient epoch; docs/curvature.md). 1 turns it off.
 DENSE_SPLIT = 2
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
