@@ -72,6 +72,7 @@ def test_each_layer_is_unfolded_once_per_step(monkeypatch):
     monkeypatch.setattr(structured, "COLUMN_ENTRIES_PER_EXAMPLE", 1)
     structured.fit_diagonal(model, (x, y), likelihood="classification", kind="ggn")
     assert len([size for size in sizes if size != 1]) == 2, sizes
+    assert getattr(conv_factors._SHARED, "graphs", None) is None  # no traced graph held
 
 
 def test_stacked_columns_are_read_from_traced_stacks_only():

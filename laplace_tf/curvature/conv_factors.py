@@ -13,8 +13,10 @@ backward-filter convolutions with the examples folded into groups.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import weakref
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,23 +58,40 @@ def _size(x: tf.Tensor, axis: int):
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 
-#: The patches unfolded in each graph being traced, by input and window, with whether a
-#: factor's squares read them: a step's chunks of columns of ``S`` share one unfolding of
-#: each layer's input (on the benchmark CNN's exact GGN, five chunks had unfolded it five
-#: times: ~20% of the step).
-_UNFOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: While a step is traced (:func:`shared_unfoldings`): the patches unfolded in each of its
+#: graphs, by input and window, with whether a factor's squares read them. A step's
+#: chunks of columns of ``S`` so share one unfolding of each layer's input (on the
+#: benchmark CNN's exact GGN, five chunks had unfolded it five times: ~20% of the step).
+_SHARED = threading.local()
+
+
+@contextlib.contextmanager
+def shared_unfoldings() -> Iterator[None]:
+    """Within it, :func:`unfold` unfolds each input once per graph; the record is dropped
+    on leaving (it holds the graphs' tensors)."""
+    outer = getattr(_SHARED, "graphs", None)
+    _SHARED.graphs = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED.graphs = outer
+
+
+def _record(x: tf.Tensor, window: Window) -> tuple[dict | None, tuple]:
+    graphs = None if tf.executing_eagerly() else getattr(_SHARED, "graphs", None)
+    unfolded = None if graphs is None else graphs.setdefault(tf.compat.v1.get_default_graph(), {})
+    return unfolded, (x.ref(), window)
 
 
 def unfold(x: tf.Tensor, window: Window, *, read: bool = False) -> tf.Tensor:
     """Patches ``[N, L, P, C]`` of ``x: [N, *spatial, C]`` at the ``L`` output locations
     of a convolution with ``window`` (TF padding: ``same`` puts the odd pixel after),
-    ``P = prod(kernel_size)`` offsets in the kernel's row-major order. Traced, once per
-    graph for a given ``x`` and ``window``; ``read``: the caller's squares read them
-    (:func:`patches_read`)."""
-    if tf.executing_eagerly():
+    ``P = prod(kernel_size)`` offsets in the kernel's row-major order. Within
+    :func:`shared_unfoldings`, once per graph for a given ``x`` and ``window``; ``read``:
+    the caller's squares read them (:func:`patches_read`)."""
+    unfolded, key = _record(x, window)
+    if unfolded is None:
         return _unfold(x, window)
-    unfolded = _UNFOLDED.setdefault(tf.compat.v1.get_default_graph(), {})
-    key = (x.ref(), window)
     if key not in unfolded:
         unfolded[key] = [_unfold(x, window), False]
     unfolded[key][1] |= read
@@ -84,10 +103,8 @@ def patches_read(x: tf.Tensor, window: Window) -> bool:
     columns): a later one-column chunk then takes the products, not a
     :class:`FoldedPatches` (exact GGN of the benchmark CNN, its last chunk one column of
     nine: 79 against 83 ms a step)."""
-    if tf.executing_eagerly():
-        return False
-    entry = _UNFOLDED.get(tf.compat.v1.get_default_graph(), {}).get((x.ref(), window))
-    return entry is not None and entry[1]
+    unfolded, key = _record(x, window)
+    return unfolded is not None and key in unfolded and unfolded[key][1]
 
 
 def _unfold(x: tf.Tensor, window: Window) -> tf.Tensor:

@@ -59,6 +59,7 @@ from laplace_tf.curvature.column_sums import (
     per_variable,
     zero_factors,
 )
+from laplace_tf.curvature.conv_factors import shared_unfoldings
 from laplace_tf.curvature.layers import Explicit, Outer, Patches
 from laplace_tf.curvature.loss_terms import counts as loss_counts
 from laplace_tf.curvature.loss_terms import (
@@ -460,6 +461,7 @@ def one_backward(kind: str, mc_samples: int) -> bool:
 def _diagonal_step(model, likelihood, variables, kind, mc_samples):
     persistent = not one_backward(kind, mc_samples)
 
+    @shared_unfoldings()  # one unfolding of each conv input for all chunks of columns
     def batch_sums(x, y, weights, seed, kinds):
         """``(sums per weight, NLL, counts)`` of a batch; ``kinds`` gets the factor types."""
         with tf.GradientTape(persistent=persistent) as tape:
