@@ -64,27 +64,27 @@ def test_a_faulty_later_batch_is_named():
         structured.fit_diagonal(model, dataset, likelihood="classification")
 
 
-@pytest.mark.parametrize("kind", ["ggn", "ef"])
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_dense_chains_split_into_parts_equal_the_oracle(monkeypatch, kind, batch_size):
+def test_dense_chains_split_into_parts_equal_the_oracle(monkeypatch, weighted, batch_size):
     """A Dense chain's batches stepped in two or three parts (one of them empty for a
-    batch of one example) give the oracle's diagonal, also with sample weights."""
+    batch of one example) give the oracle's diagonal (``ef``), with sample weights too."""
     model, x, y = build("tanh_mlp", n=11)
-    weights = np.random.default_rng(3).uniform(0.5, 2.0, size=11)
+    weights = np.random.default_rng(3).uniform(0.5, 2.0, size=11) if weighted else None
     for split in (2, 3):
         monkeypatch.setattr(structured, "DENSE_SPLIT", split)
         monkeypatch.setattr(structured, "_STEPS", weakref.WeakKeyDictionary())
-        data = (x, y) if kind == "ggn" else (x, y, weights)
+        data = (x, y, weights) if weighted else (x, y)
         fitted = structured.fit_diagonal(
-            model, data, likelihood="classification", kind=kind, batch_size=batch_size
+            model, data, likelihood="classification", kind="ef", batch_size=batch_size
         )
-        reference = expected(model, x, y, kind, None if kind == "ggn" else weights)
-        assert_close(flat(fitted.diagonal), reference)
-        assert fitted.n_data == (11 if kind == "ggn" else pytest.approx(weights.sum()))
+        assert_close(flat(fitted.diagonal), expected(model, x, y, "ef", weights))
+        assert fitted.n_data == (pytest.approx(weights.sum()) if weighted else 11)
 
 
 def test_only_dense_chains_are_split(monkeypatch):
-    """The parts are traced for a Dense chain only: a CNN's step keeps its whole batch."""
+    """The parts are traced for a Dense chain's ``ef`` / ``ggn_mc`` only: a CNN's step and
+    an exact GGN's keep their whole batch."""
     monkeypatch.setattr(structured, "DENSE_SPLIT", 2)
     traced = []
     original = structured.loss_rows
@@ -94,11 +94,12 @@ def test_only_dense_chains_are_split(monkeypatch):
         return original(raw, y, weights)
 
     monkeypatch.setattr(structured, "loss_rows", spy)
-    for name, parts in (("tanh_mlp", 3), ("cnn", 1)):  # the whole batch, then its 2 parts
+    cases = (("tanh_mlp", "ef", 3), ("tanh_mlp", "ggn_mc", 3), ("cnn", "ef", 1))
+    for name, kind, parts in (*cases, ("tanh_mlp", "ggn", 1)):  # the whole batch, its parts
         traced.clear()
         model, x, y = build(name, n=8)
-        structured.fit_diagonal(model, (x, y), likelihood="classification", kind="ef")
-        assert len(traced) == parts, name
+        structured.fit_diagonal(model, (x, y), likelihood="classification", kind=kind)
+        assert len(traced) == parts, (name, kind)
 
 
 def test_split_monte_carlo_steps_repeat_to_the_last_bit(monkeypatch):

@@ -105,9 +105,9 @@ LOOPED_COLUMN_OPS = 2_000
 #: columns would otherwise be unrolled.
 DENSE_COLUMN_SUMS = True
 #: A batch of a Dense chain (every factor a Dense kernel on ``[N, I]`` inputs or a bias)
-#: is stepped as this many parts side by side on CPU, independent chains of small
-#: products for separate cores (benchmark MLP: ``ggn_mc`` / ``ef`` 1.07-1.11x -> 0.93-1.03x
-#: a gradient epoch; docs/curvature.md). 1 turns it off.
+#: is stepped as this many parts side by side on CPU for ``ggn_mc`` / ``ef`` (benchmark
+#: MLP: 1.07-1.11x -> 0.93-1.03x a gradient epoch; exact ``ggn`` gained nothing and traced
+#: 1.4 -> 2.0 s on a first fit; docs/curvature.md). 1 turns it off.
 DENSE_SPLIT = 2
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
@@ -510,7 +510,7 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         kinds = set()  # the factor types met
         whole = batch_sums(x, y, weights, seed, kinds)
         dense = kinds and kinds <= {Outer, Explicit}
-        if DENSE_SPLIT < 2 or not dense or tf.config.list_logical_devices("GPU"):
+        if DENSE_SPLIT < 2 or kind == "ggn" or not dense or tf.config.list_logical_devices("GPU"):
             return whole
         # a Dense chain: its parts side by side (the whole batch's ops are unused, pruned)
         count = tf.shape(tf.nest.flatten(x)[0])[0]
