@@ -105,10 +105,10 @@ LOOPED_COLUMN_OPS = 2_000
 #: columns would otherwise be unrolled.
 DENSE_COLUMN_SUMS = True
 #: A batch of a Dense chain (every factor a Dense kernel on ``[N, I]`` inputs or a bias)
-#: is stepped as this many parts side by side on CPU for ``ggn_mc`` / ``ef`` (benchmark
-#: MLP: 1.07-1.11x -> 0.93-1.03x a gradient epoch; exact ``ggn`` gained nothing and traced
-#: 1.4 -> 2.0 s on a first fit; docs/curvature.md). 1 turns it off.
-DENSE_SPLIT = 2
+#: may be stepped as this many parts side by side on CPU for ``ggn_mc`` / ``ef`` (benchmark
+#: MLP with 2: 1.09-1.14x -> 0.93-1.03x a gradient epoch warm, but 0.3 s more tracing on a
+#: first fit; off (1) by default: a single fit of < ~250,000 examples ends sooner unsplit).
+DENSE_SPLIT = 1
 #: Bound on the entries of cut cotangents and per-example gradients that the GLM
 #: predictive holds at once (2**25 entries: 128 MiB in float32); larger batches are
 #: processed in chunks of examples, whatever the user's batch size.
