@@ -142,14 +142,19 @@ def numpy_list(tensors) -> list[np.ndarray]:
     return [np.asarray(t, dtype=np.float64) for t in tensors]
 
 
-def assert_lists_close(actual, expected, rtol=RTOL):
+def assert_lists_close(actual, expected, rtol=RTOL, *, overall=False):
     """Entrywise ``rtol``, with an absolute floor of ``rtol`` times the tensor's largest entry
-    (sums taken in another order differ by rounding relative to their terms)."""
+    (sums taken in another order differ by rounding relative to their terms), or with
+    ``overall`` the largest entry of all the tensors: a saturated unit's cotangents go
+    through ``1 - tanh^2`` of a ``tanh`` near 1, whose rounding is relative to the unit's
+    scale before it, so a weight whose curvature is ~1e-10 of the others differs by
+    ~3e-10 of itself between batchings (in float64; on the code of 2026-12-06 too)."""
     actual, expected = numpy_list(actual), numpy_list(expected)
     assert len(actual) == len(expected)
+    largest = max((float(np.max(np.abs(e), initial=0.0)) for e in expected), default=0.0)
     for a, e in zip(actual, expected, strict=True):
         assert a.shape == e.shape
-        scale = float(np.max(np.abs(e), initial=0.0))
+        scale = largest if overall else float(np.max(np.abs(e), initial=0.0))
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * scale)
 
 
@@ -231,8 +236,8 @@ def test_deterministic_kinds_are_additive_over_disjoint_splits(problem, data):
         parts = [
             a + b for a, b in zip(fit(x[first], y[first]), fit(x[second], y[second]), strict=True)
         ]
-        assert_lists_close(parts, whole)
-        assert_lists_close(fit(x, y, batch_size=batch_size), whole)
+        assert_lists_close(parts, whole, overall=True)
+        assert_lists_close(fit(x, y, batch_size=batch_size), whole, overall=True)
 
 
 @_settings(max_examples=12)
