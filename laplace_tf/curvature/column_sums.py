@@ -68,15 +68,21 @@ def dense_column_sums(factors_of: Callable[[tf.Tensor], list], columns: Columns)
     return [(f, _finish(f, s)) for f, s in zip(first, sums, strict=True)]
 
 
-def per_variable(variables: Sequence[Any], pairs) -> list[tf.Tensor]:
+def per_variable(variables: Sequence[Any], pairs, *, fill: bool = True) -> list:
     """The squares of ``(factor, sum_squares)`` pairs summed per weight, in the order of
-    ``variables`` (zeros for a weight no factor covers)."""
+    ``variables`` (zeros for a weight no factor covers; ``None`` without ``fill``)."""
     totals = {}  # no zeros to add to: each weight's first square is its total
     for factor, squares in pairs:
         for v, square in zip(factor.variables, squares, strict=True):
             square = tf.cast(square, v.dtype)
             totals[id(v)] = square if id(v) not in totals else totals[id(v)] + square
-    return [totals.get(id(v), tf.zeros(v.shape, v.dtype)) for v in variables]
+    if not fill:
+        return [totals.get(id(v)) for v in variables]
+    return [totals[id(v)] if id(v) in totals else tf.zeros(v.shape, v.dtype) for v in variables]
+
+
+def _added(total: tf.Tensor, part: tf.Tensor | None) -> tf.Tensor:
+    return total if part is None else total + part
 
 
 def _moments_of(factor) -> tf.Tensor | None:
@@ -123,14 +129,17 @@ def moment_fold(factors_of: Callable[[tf.Tensor], list], outside: list, variable
                     plain.append(factor)
                 else:
                     sums[site, index] = sum_i
-        moments = [sums.get(key, _zeros_like(m)) for key, (_, m) in picked.items()]
-        return per_variable(variables, ((f, f.sum_squares()) for f in plain)) + moments
+        moments = [sums.get(key) for key in picked]
+        squares = ((f, f.sum_squares()) for f in plain)
+        return per_variable(variables, squares, fill=False) + moments  # None: adds nothing
 
     def finish(totals):
         squares, sums = totals[: len(variables)], totals[len(variables) :]
         pairs = zip(picked.values(), sums, strict=True)
-        done = ((f, f.from_column_moments(s)) for (f, _), s in pairs)
-        return [a + b for a, b in zip(squares, per_variable(variables, done), strict=True)]
+        done = per_variable(
+            variables, ((f, f.from_column_moments(s)) for (f, _), s in pairs), fill=False
+        )
+        return [_added(a, b) for a, b in zip(squares, done, strict=True)]
 
     return reduce, zeros, finish
 
@@ -139,13 +148,15 @@ def zero_factors(sites, chunk: int) -> list:
     """Per site, its factors on zero cotangents of ``chunk`` columns (their inputs' parts,
     outside a loop over the columns; the cotangents' parts are unused, pruned), for the
     sites whose factors may have column moments (a cut of at most
-    :data:`~paired.PAIRED_LOCATIONS` positions and a rule), else
-    ``None`` (not traced: asking every site cost ResNet50's first exact ``ggn`` fit
-    2.3-2.8 s more, three alternating pairs of processes)."""
+    :data:`~paired.PAIRED_LOCATIONS` positions, a rule and a weight of two axes or more:
+    the kernels of :class:`~layers.Outer` and :class:`~layers.Patches`), else ``None``
+    (not traced: asking every site cost ResNet50's first exact ``ggn`` fit 2.3-2.8 s
+    more, three alternating pairs of processes; BatchNormalization's sites ~0.3 s)."""
     factors = []
     for site in sites:
         positions = site.cut.shape[1:-1].num_elements() if site.cut.shape.rank else None
-        if site.rule is None or positions is None or positions > paired.PAIRED_LOCATIONS:
+        vectors = all(v.shape.rank <= 1 for v in site.variables)  # no moments (Explicit)
+        if site.rule is None or vectors or positions is None or positions > paired.PAIRED_LOCATIONS:
             factors.append(None)
             continue
         zeros = tf.zeros_like(site.cut, dtype=_accumulation_dtype(site.cut.dtype))[:, None]
@@ -163,24 +174,29 @@ def fold_column_chunks(
     One chunk is back-propagated and reduced at a time, in a ``tf.while_loop`` run one
     iteration after another, so that only one chunk's cut cotangents exist at once and
     the backward pass is traced once, not once per chunk (or, with ``unroll``, unrolled
-    with each chunk waiting for the previous; see :data:`UNROLL_COLUMN_CHUNKS`).
+    with each chunk waiting for the previous; see :data:`UNROLL_COLUMN_CHUNKS`). A
+    ``None`` of ``reduce`` adds nothing (no zeros traced and added each chunk).
     """
     count = columns.count
     if count <= chunk:
-        return reduce(columns.part(0, count))
+        sums = reduce(columns.part(0, count))
+        return [z if s is None else s for z, s in zip(zeros, sums, strict=True)]
     if unroll:
         totals = None
         for start in range(0, count, chunk):  # each chunk waits for the previous one's sums
             with tf.control_dependencies([] if totals is None else totals):
                 part = tf.identity(columns.part(start, min(chunk, count - start)))
             sums = reduce(part)
-            totals = sums if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
+            if totals is None:
+                totals = [z if s is None else s for z, s in zip(zeros, sums, strict=True)]
+            else:
+                totals = [_added(t, s) for t, s in zip(totals, sums, strict=True)]
         return totals
     chunks = -(-count // chunk)
 
     def body(index, totals):
         part = columns.part(index * chunk, chunk)
-        return index + 1, [t + s for t, s in zip(totals, reduce(part), strict=True)]
+        return index + 1, [_added(t, s) for t, s in zip(totals, reduce(part), strict=True)]
 
     _, totals = tf.while_loop(
         lambda index, _: index < chunks, body, (tf.constant(0), zeros), parallel_iterations=1

@@ -142,7 +142,10 @@ def _unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
         )
     patches = tf.stack(slices, axis=-2)  # [N, *out, P, C]
     locations = _static_product(patches.shape[1:-2])
-    return tf.reshape(patches, [tf.shape(x)[0], locations, len(slices), x.shape[-1]])
+    known = locations > 0 and x.shape[-1] is not None  # then a static shape: one constant
+    return tf.reshape(
+        patches, [-1 if known else tf.shape(x)[0], locations, len(slices), x.shape[-1]]
+    )
 
 
 def _same_padding(x: tf.Tensor, window: Window) -> list:

@@ -62,8 +62,10 @@ def _locations(tensor: tf.Tensor, leading: int) -> tf.Tensor:
     """``[*leading axes, *spatial, C] -> [*leading, L, C]`` (stacked columns stay visible)."""
     if leading == 2 and (per_column := map_columns(lambda c: _locations(c, 1), tensor)) is not None:
         return per_column
+    locations, known = _static_product(tensor.shape[leading:-1]), tensor.shape[1:leading]
+    if locations > 0 and None not in known and tensor.shape[-1] is not None:
+        return tf.reshape(tensor, [-1, *known, locations, tensor.shape[-1]])  # one constant
     shape = tf.shape(tensor)
-    locations = _static_product(tensor.shape[leading:-1])
     return tf.reshape(tensor, tf.concat([shape[:leading], [locations, tensor.shape[-1]]], 0))
 
 

@@ -504,13 +504,27 @@ def map_columns(fn: Callable[[tf.Tensor], tf.Tensor], tensor: tf.Tensor) -> tf.T
     return None if columns is None else tf.stack([fn(c) for c in columns], axis=1)
 
 
-def bias_grads(delta: tf.Tensor, broadcast_shape: list[int], shape) -> tf.Tensor:
-    """Per-sample gradient of a parameter added with broadcasting to ``delta[:, :, ...]``."""
-    per_column = map_columns(lambda c: bias_grads(c[:, None], broadcast_shape, shape)[:, 0], delta)
-    if per_column is not None:
-        return per_column
-    rest = delta.shape[2:]
+def bias_grads(delta: tf.Tensor, broadcast_shape: list[int], shape, scale=None) -> tf.Tensor:
+    """Per-sample gradient of a parameter added with broadcasting to ``delta[:, :, ...]``
+    (``[N, K, ...]``), or multiplied with ``scale`` (``[N, ...]``) and then added (a
+    normalisation's ``gamma``). Stacked columns are reduced one by one (static shapes: a
+    few ops each, where slicing them out and back traced about five times as many)."""
+    columns = stacked_columns(delta)
+    if columns is not None:
+        scaled = columns if scale is None else [scale * c for c in columns]
+        return tf.stack([_summed(c, broadcast_shape, shape, 1) for c in scaled], axis=1)
+    if scale is not None:
+        delta = scale[:, None] * delta
+    return _summed(delta, broadcast_shape, shape, 2)
+
+
+def _summed(delta: tf.Tensor, broadcast_shape: list[int], shape, leading: int) -> tf.Tensor:
+    """``delta`` summed over the axes after its ``leading`` ones that ``broadcast_shape``
+    broadcasts, as ``[*leading axes, *shape]``."""
+    rest = delta.shape[leading:]
     padded = [1] * (len(rest) - len(broadcast_shape)) + list(broadcast_shape)
-    axes = [2 + i for i, size in enumerate(padded) if size == 1 and rest[i] != 1]
-    summed = tf.reduce_sum(delta, axis=axes, keepdims=True) if axes else delta
-    return tf.reshape(summed, tf.concat([tf.shape(delta)[:2], shape], 0))
+    axes = [leading + i for i, size in enumerate(padded) if size == 1 and rest[i] != 1]
+    summed = tf.reduce_sum(delta, axis=axes) if axes else delta
+    if None not in delta.shape[1:leading]:
+        return tf.reshape(summed, [-1, *delta.shape[1:leading], *shape])
+    return tf.reshape(summed, tf.concat([tf.shape(delta)[:leading], shape], 0))

@@ -24,8 +24,8 @@ def _call_layer(layer, inputs):
 def _affine_factors(normalised, delta, gamma, beta, broadcast_shape):
     factors = []
     if gamma is not None:
-        product = tf.cast(normalised, delta.dtype)[:, None] * delta
-        factors.append(Explicit(gamma, bias_grads(product, broadcast_shape, gamma.shape)))
+        scale = tf.cast(normalised, delta.dtype)
+        factors.append(Explicit(gamma, bias_grads(delta, broadcast_shape, gamma.shape, scale)))
     if beta is not None:
         factors.append(Explicit(beta, bias_grads(delta, broadcast_shape, beta.shape)))
     return factors

@@ -338,12 +338,13 @@ class _TraceSummary:
     fallbacks: tuple  # (layer name, layer class, weight count) of fallback sites
 
 
-def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSummary:
+def _trace_summary(model, variables: list, batch: Any, factors: bool = True) -> _TraceSummary:
     """Traces one example of ``batch``, once per model, weights and input shape.
 
     The entries are what the covariance step holds per example: ``C`` columns times the
     cut sizes, plus the largest per-example gradients a factor forms at once (none for
     :class:`Outer`; one column's for :class:`Patches`; all ``C`` columns' otherwise).
+    Without ``factors`` only the fallbacks are read (ResNet50: 0.46 -> 0.2 s, eager).
     """
     shapes = tuple(tuple(t.shape[1:]) for t in tf.nest.flatten(batch))
 
@@ -358,7 +359,7 @@ def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSum
         for site in sites:
             cuts += max(1, site.cut.shape[1:].num_elements() or 1)
             zeros = tf.zeros([1, width, *site.cut.shape[1:]], site.cut.dtype)
-            for factor in site.factors(zeros):
+            for factor in site.factors(zeros) if factors else ():
                 if not isinstance(factor, Outer):
                     size = sum(v.shape.num_elements() for v in factor.variables)
                     largest = max(largest, size if isinstance(factor, Patches) else width * size)
@@ -367,12 +368,12 @@ def _trace_summary(model: keras.Model, variables: list, batch: Any) -> _TraceSum
                 fallbacks.append((site.layer.name, type(site.layer).__name__, size))
         return _TraceSummary(width * cuts + largest, width, tuple(fallbacks))
 
-    return _cached(model, ("trace_summary", shapes), variables, measure)
+    return _cached(model, ("trace_summary", factors, shapes), variables, measure)
 
 
 def _warn_fallbacks(model: keras.Model, variables: list, batch: Any) -> None:
     """One warning naming the layers that take the per-example fallback, if any."""
-    fallbacks = _trace_summary(model, variables, batch).fallbacks
+    fallbacks = _trace_summary(model, variables, batch, factors=False).fallbacks
     if not fallbacks:
         return
     total = sum(v.shape.num_elements() for v in variables)
@@ -480,7 +481,6 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
         def squares(part):
             return per_variable(variables, ((f, f.sum_squares()) for f in factors_of(part)))
 
-        zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
         unroll = UNROLL_COLUMN_CHUNKS
         if unroll is None and columns.count * _traced_ops(raw) > LOOPED_COLUMN_OPS:
             chunk, unroll = 1, False
@@ -502,6 +502,7 @@ def _diagonal_step(model, likelihood, variables, kind, mc_samples):
                 reduce, initial, finish = moments
                 totals = finish(fold_column_chunks(reduce, columns, chunk, initial))
         if totals is None:
+            zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
             totals = fold_column_chunks(squares, columns, chunk, zeros, unroll=unroll)
         return totals, loss_nll(likelihood, terms), loss_counts(terms)
 
