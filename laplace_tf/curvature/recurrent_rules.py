@@ -106,22 +106,21 @@ def _cut(layer, x):
     return cut
 
 
-def _simple_step(cell, c_t, h, carry):
-    z = c_t + ops.matmul(h, cell.recurrent_kernel)
+def _simple_step(cell, kernel, c_t, h, carry):
+    z = c_t + ops.matmul(h, kernel)
     return (z if cell.activation is None else cell.activation(z)), carry, h
 
 
-def _lstm_step(cell, c_t, h, carry):
-    z = c_t + ops.matmul(h, cell.recurrent_kernel)
+def _lstm_step(cell, kernel, c_t, h, carry):
+    z = c_t + ops.matmul(h, kernel)
     z_i, z_f, z_c, z_o = tf.split(z, 4, axis=-1)
     gate = cell.recurrent_activation
     carry = gate(z_f) * carry + gate(z_i) * cell.activation(z_c)
     return gate(z_o) * cell.activation(carry), carry, h
 
 
-def _gru_step(cell, c_t, h, carry):
+def _gru_step(cell, kernel, c_t, h, carry):
     units, gate = cell.units, cell.recurrent_activation
-    kernel = cell.recurrent_kernel
     if cell.reset_after:
         x_part, extra = c_t[:, : 3 * units], c_t[:, 3 * units :]
         inner = ops.matmul(h, kernel) + extra
@@ -150,19 +149,22 @@ def _recurrence(layer, cut, mask):
     (``[N, T, H]``, or ``[N, T, 3, H]`` for a GRU without ``reset_after``)."""
     cell = layer.cell
     step = _STEPS[type(cell)]
-    h = tf.zeros([tf.shape(cut)[0], cell.units], cut.dtype)
+    h = h0 = tf.zeros([tf.shape(cut)[0], cell.units], cut.dtype)
     carry, output = h, h
     outputs, previous = [], []
+    # read once, and the mask unstacked once: a read or slice per step traced each time
+    kernel = tf.convert_to_tensor(cell.recurrent_kernel)
+    keeps = None if mask is None else tf.unstack(tf.expand_dims(mask, -1), axis=1)
     # unstacked, not sliced: the gradient of each slice ``cut[:, t]`` is a cut-sized
     # tensor of zeros around it (LSTM of 16 steps: backward to the cut 0.6 -> 4 MiB)
     for t, c_t in enumerate(tf.unstack(cut, axis=1)):
-        new_h, new_carry, recurrent_inputs = step(cell, c_t, h, carry)
+        new_h, new_carry, recurrent_inputs = step(cell, kernel, c_t, h, carry)
         previous.append(recurrent_inputs)
-        if mask is None:
+        if keeps is None:
             h, carry, output = new_h, new_carry, new_h
         else:
-            keep = mask[:, t, None]
-            masked = tf.zeros_like(new_h) if layer.zero_output_for_mask else output
+            keep = keeps[t]
+            masked = h0 if layer.zero_output_for_mask else output
             output = tf.where(keep, new_h, masked)
             h, carry = tf.where(keep, new_h, h), tf.where(keep, new_carry, carry)
         outputs.append(output)
