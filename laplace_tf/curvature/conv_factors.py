@@ -108,6 +108,23 @@ def patches_read(x: tf.Tensor, window: Window) -> bool:
     return unfolded is not None and key in unfolded and unfolded[key][1]
 
 
+def _indices(values: list[int]):
+    """``values`` as an int32 constant made once per graph while a step is traced (the
+    slices of the unfoldings repeat a few begin / end / stride vectors: ResNet50's exact
+    ``ggn`` step traced 972 constants for them), else as they are. Made free of the
+    control dependencies in force (the factors wait for their cotangents): shared, they
+    must order nothing."""
+    graphs = None if tf.executing_eagerly() else getattr(_SHARED, "graphs", None)
+    if graphs is None:
+        return values
+    made = graphs.setdefault(tf.compat.v1.get_default_graph(), {})
+    key = ("indices", *values)
+    if key not in made:
+        with tf.control_dependencies(None):
+            made[key] = tf.constant(values, tf.int32)
+    return made[key]
+
+
 def _unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
     rank = len(window.kernel_size)
     paddings = _same_padding(x, window) if window.padding == "same" else []
@@ -133,9 +150,9 @@ def _unfold(x: tf.Tensor, window: Window) -> tf.Tensor:
         slices.append(
             tf.strided_slice(
                 padded,
-                [0, *begin, 0],
-                [0, *end, 0],
-                [1, *window.strides, 1],
+                _indices([0, *begin, 0]),
+                _indices([0, *end, 0]),
+                _indices([1, *window.strides, 1]),
                 begin_mask=mask,
                 end_mask=mask,
             )

@@ -120,8 +120,9 @@ def _conv_factors(layer, inputs, delta):
     folded = not patches_read(inputs, window) and FoldedPatches.applies(layer, delta)
     patches = unfold(inputs, window, read=not folded)
     if layer.groups == 1:
-        shape = tf.shape(patches)
-        flat = tf.reshape(patches, [shape[0], shape[1], patches.shape[2] * patches.shape[3]])
+        width, locations = patches.shape[2] * patches.shape[3], patches.shape[1]
+        lead = [-1, locations] if locations is not None else tf.unstack(tf.shape(patches)[:2])
+        flat = tf.reshape(patches, [*lead, width])
         cotangents = _locations(delta, 2)
         if folded:
             spatial = tuple(delta.shape[2:4])
