@@ -148,3 +148,26 @@ def test_unfolding_indices_are_shared_and_order_nothing():
     eager_first = conv_factors._unfold(x, window)  # eager: lists, not shared constants
     np.testing.assert_array_equal(first, eager_first)
     np.testing.assert_array_equal(second, 2 * eager_first)
+
+
+def test_the_output_probe_warns_of_no_retracing(caplog):
+    """Keras runs a grouped convolution on the CPU through a ``tf.function`` it makes per
+    call: called eagerly five times or more, TensorFlow logs a retracing warning. The
+    output probe reads the model through the engine's trace, which computes such a layer
+    by its rule (as a depthwise convolution), so a first fit logs none; the eager call
+    below, the control, does."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((6, 6, 4))
+    h = inp
+    for _ in range(6):
+        h = L.Conv2D(4, 3, padding="same", groups=4, activation="tanh")(h)
+    model = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(h)))
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0])
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        structured.fit_diagonal(model, (x, y), likelihood="classification", kind="ef")
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        for _ in range(2):
+            model(x, training=False)
+    assert [r for r in caplog.records if "retracing" in r.getMessage()]
