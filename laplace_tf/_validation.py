@@ -349,8 +349,11 @@ def _inference_outputs(model: keras.Model, head: Any) -> Any:
     ``tf.function`` per call, and TensorFlow warned the user of retracing."""
     from laplace_tf.curvature.tracing import trace  # the engine imports this module
 
-    with tf.GradientTape():
-        outputs, _ = trace(model, head, list(model.trainable_variables))
+    try:
+        with tf.GradientTape():
+            outputs, _ = trace(model, head, list(model.trainable_variables))
+    except Exception:  # noqa: BLE001 - a rule's forward failing must not fail the probe
+        outputs = model(head, training=False)  # (the model's own call decides, as before)
     return outputs
 
 

@@ -177,3 +177,32 @@ def test_the_output_probe_calls_no_grouped_convolution(caplog, monkeypatch):
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
     model(x, training=False)
     assert len(calls) == 6
+
+
+class _Scaled(L.Layer):
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+def test_the_output_probe_falls_back_to_the_models_call():
+    """A rule whose forward fails does not fail the probe: the model's own call reads the
+    output shape, as it did before the probe ran the engine's trace."""
+    from laplace_tf._validation import probe_outputs
+    from laplace_tf.curvature.registry import Rule, register_rule, unregister_rule
+    from laplace_tf.likelihoods import get_likelihood
+
+    def broken(layer, inputs):
+        raise RuntimeError("a broken forward")
+
+    rule = Rule(broken, lambda layer, inputs, delta: [], name="broken")
+    register_rule(_Scaled, rule)
+    try:
+        inp = keras.Input((3,))
+        model = keras.Model(inp, L.Dense(2)(_Scaled()(inp)))
+        x = tf.constant(np.ones((4, 3), np.float32))
+        assert probe_outputs(model, get_likelihood("classification"), x) == (2,)
+    finally:
+        unregister_rule(_Scaled, rule)
