@@ -50,10 +50,10 @@ SUM_MIN_ELEMENTS = 1 << 16
 POOLED_SUM_ELEMENTS = 1 << 20
 #: The fits' compiled calls are optimised by one round of Grappler's passes, not two, and
 #: on a machine without a GPU without its layout optimiser (convolutions on the CPU stay
-#: channels-last) and memory optimiser (its recomputation and swapping are for
-#: accelerators) (:func:`lean_grappler`). On ResNet50's first exact ``ggn`` fit, where
-#: optimising the step took ~3.9 s, the three saved 1.0-1.4, 0.8 and 1.0 s alone and
-#: 2.2-2.6 s together, warm fits the same; the user's own settings are kept.
+#: channels-last) and memory optimiser (:func:`lean_grappler`). On ResNet50's first exact
+#: ``ggn`` fit, where optimising the step took ~3.9 s, the three saved 1.0-1.4, 0.8 and
+#: 1.0 s alone and 2.2-2.6 s together; warm fits and the zoo's live tensors measured the
+#: same (docs/curvature.md, First fits). The user's own settings are kept.
 LEAN_GRAPPLER = True
 
 
