@@ -67,21 +67,20 @@ def test_lean_grappler_can_be_switched_off(monkeypatch):
         assert context.context().function_call_options is before
 
 
-def test_lean_and_full_passes_fit_the_same(float64_layers):
+def test_lean_and_full_passes_fit_the_same(float64_layers, monkeypatch):
     model, x, y = _cnn((6, 6, 3))
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
     lean = structured.fit_diagonal(model, data, likelihood="classification", kind="ggn")
     structured._STEPS.pop(model)
-    basics.LEAN_GRAPPLER = False
-    try:
-        full = structured.fit_diagonal(model, data, likelihood="classification", kind="ggn")
-    finally:
-        basics.LEAN_GRAPPLER = True
+    monkeypatch.setattr(basics, "LEAN_GRAPPLER", False)
+    full = structured.fit_diagonal(model, data, likelihood="classification", kind="ggn")
     np.testing.assert_allclose(flat(lean.diagonal), flat(full.diagonal), rtol=1e-12)
 
 
 @pytest.fixture
 def float64_layers():
+    """float64 layers for one test (conftest's ``float64`` holds for a whole module; the
+    probe tests below build float32 models)."""
     previous = keras.config.floatx()
     keras.config.set_floatx("float64")
     yield
